@@ -1,0 +1,1 @@
+"""Model backends. Each is chosen by an explicit `kind` in config and imported lazily."""

@@ -1,0 +1,85 @@
+"""`babelsynth` command line: a thin shell over library calls, the same argv in workers and pods."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+def _overrides(pairs: list[str]) -> dict:
+    out = {}
+    for p in pairs or []:
+        if "=" not in p:
+            raise SystemExit(f"--set expects key=value, got {p!r}")
+        k, v = p.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def _cfg(args):
+    from babelsynth.config import load_config
+
+    return load_config(args.config, _overrides(args.set))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="babelsynth", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    m = sub.add_parser("models", help="tiny random models for tests and the demo")
+    m.add_argument("action", choices=["build"])
+    m.add_argument("--root", default=".work/models")
+
+    s = sub.add_parser("samples", help="write the PIL-drawn English sample input")
+    s.add_argument("--out", required=True)
+    s.add_argument("--per-task", type=int, default=12)
+
+    for name in ("plan", "run-stage", "write", "commit", "run"):
+        p = sub.add_parser(name)
+        p.add_argument("--config", required=True)
+        p.add_argument("--run-id", required=True)
+        p.add_argument("--set", action="append", default=[], help="dotted override, e.g. run.limit=8")
+        if name in ("run-stage", "write"):
+            p.add_argument("--shard", type=int, required=True)
+        if name == "run-stage":
+            p.add_argument("--stage", required=True)
+
+    c = sub.add_parser("check-config", help="validate a config without loading any model")
+    c.add_argument("--config", required=True)
+    c.add_argument("--set", action="append", default=[])
+
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from babelsynth import runner
+
+    if args.cmd == "models":
+        from babelsynth.models.build import build_all
+
+        print(json.dumps(build_all(Path(args.root)), indent=1))
+    elif args.cmd == "samples":
+        from babelsynth.sample_data import write_samples
+
+        print(write_samples(args.out, args.per_task))
+    elif args.cmd == "check-config":
+        print(_cfg(args).model_dump_json(indent=1))
+    elif args.cmd == "plan":
+        print(json.dumps(runner.plan(_cfg(args), args.run_id)))
+    elif args.cmd == "run-stage":
+        print(json.dumps(runner.run_stage(_cfg(args), args.run_id, args.stage, args.shard)))
+    elif args.cmd == "write":
+        print(json.dumps(runner.write_shard(_cfg(args), args.run_id, args.shard)))
+    elif args.cmd == "commit":
+        print(runner.summary(runner.commit(_cfg(args), args.run_id)))
+    elif args.cmd == "run":
+        print(runner.summary(runner.run_all(_cfg(args), args.run_id)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""Validated run configuration (pydantic, extra="forbid"): errors surface at load, before any model loads.
+
+A config is YAML; `${ENV}` references in strings are expanded at load; `overrides` take dotted keys
+("models.teacher.base_url") so Airflow params and the CLI patch a config without copying it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from babelsynth.languages import AYA_TARGETS, validate_codes
+
+Mode = Literal["enforce", "report"]
+TASK_TYPES = (
+    "captioning", "vqa", "ocr", "chart", "table", "reasoning", "textbook", "two_image_difference",
+    "screenshot_code",
+)  # fmt: skip
+
+
+class _Base(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class OpenAIHTTPBackend(_Base):
+    """Any OpenAI-compatible server: a vLLM server in production and in tests."""
+
+    kind: Literal["openai_http"] = "openai_http"
+    base_url: str
+    model: str
+    api_key_env: str | None = Field(None, description="env var holding the API key; never logged")
+    max_concurrency: int = Field(16, ge=1, le=1024)
+    timeout_s: float = Field(120.0, gt=0)
+    max_retries: int = Field(4, ge=0, le=20)
+    backoff_s: float = Field(0.5, ge=0)
+    image_max_side: int = Field(1024, ge=16)
+
+
+ChatBackendConfig = Annotated[OpenAIHTTPBackend, Field(discriminator="kind")]
+
+
+class CT2NLLBBackend(_Base):
+    kind: Literal["ct2_nllb"] = "ct2_nllb"
+    path: str = Field(description="CTranslate2 NLLB dir holding sentencepiece.bpe.model")
+    model_id: str | None = Field(None, description="id recorded in outputs and cache keys; defaults to the dir name")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    compute_type: str | None = Field(None, description="default: int8_float16 on CUDA, int8 on CPU")
+    beam_size: int = Field(4, ge=1, le=16)
+    max_batch_tokens: int = Field(4096, ge=64)
+    max_input_tokens: int = Field(200, ge=8, le=1024)
+    max_decoding_length: int = Field(256, ge=8)
+    inter_threads: int = Field(1, ge=1)
+    intra_threads: int = Field(1, ge=0)
+
+
+class CometBackend(_Base):
+    kind: Literal["comet"] = "comet"
+    path: str = Field(description="local COMET checkpoint (.ckpt); never fetched from a hub")
+    model_id: str | None = None
+    batch_size: int = Field(32, ge=1)
+    gpus: int | None = Field(None, description="None: 1 if CUDA is available else 0")
+
+
+class ModelsConfig(_Base):
+    teacher: ChatBackendConfig
+    judge: ChatBackendConfig
+    rephraser: ChatBackendConfig
+    translator: CT2NLLBBackend
+    comet: CometBackend
+
+
+class RunSection(_Base):
+    shard_size: int = Field(16, ge=1, le=100_000)
+    max_shards: int = Field(256, ge=1, le=4096, description="fan-out bound; shards grow to respect it")
+    languages: list[str] = Field(default_factory=lambda: list(AYA_TARGETS))
+    language_ratio: float = Field(1.0, gt=0, le=1.0, description="share of the English pool per language")
+    language_ratios: dict[str, float] = Field(default_factory=dict)
+    seed: int = 0
+    max_text_chars: int = Field(8000, ge=16)
+    limit: int | None = Field(None, ge=1, description="use only the first N input records")
+
+    @field_validator("languages")
+    @classmethod
+    def _langs(cls, v: list[str]) -> list[str]:
+        return validate_codes(v)
+
+    @model_validator(mode="after")
+    def _ratios(self) -> "RunSection":
+        validate_codes(list(self.language_ratios))
+        for k, r in self.language_ratios.items():
+            if not 0 < r <= 1:
+                raise ValueError(f"language_ratios[{k}] must be in (0, 1], got {r}")
+        return self
+
+
+class RecaptionSection(_Base):
+    max_tokens: int = Field(512, ge=1)
+    temperature: float = Field(0.7, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int = 0
+    prompt_version: int = Field(1, ge=1)
+
+
+class RulesSection(_Base):
+    mode: Mode = "enforce"
+    max_regenerations: int = Field(2, ge=0, le=10)
+    min_words: int = Field(3, ge=0)
+
+
+class JudgeSection(_Base):
+    enabled: bool = True
+    mode: Mode = "enforce"
+    max_tokens: int = Field(256, ge=8)
+    temperature: float = 0.0
+    prompt_version: int = 1
+
+
+class FilterSection(_Base):
+    rules: RulesSection = RulesSection()
+    judge: JudgeSection = JudgeSection()
+
+
+class TranslateSection(_Base):
+    truncation: Mode = Field("enforce", description="an output that hits the decoding limit is dropped (enforce) or flagged")
+
+
+class RephraseSection(_Base):
+    enabled: bool = True
+    max_tokens: int = Field(512, ge=1)
+    temperature: float = Field(0.3, ge=0)
+    seed: int = 0
+    selection_margin: float = Field(0.02, ge=0, description="keep rephrase unless its QE is worse by more")
+    prompt_version: int = 1
+
+
+class Gate(_Base):
+    mode: Mode = "enforce"
+
+
+class CometGate(Gate):
+    threshold: float | None = Field(None, description="absolute minimum QE score")
+    per_lang: dict[str, float] = Field(default_factory=dict)
+
+
+class MTLDGate(Gate):
+    min: float = Field(10.0, ge=0)
+    min_tokens: int = Field(50, ge=1, description="below this MTLD is not meaningful and is not gated")
+
+
+class LangIDGate(Gate):
+    min_conf: float = Field(0.3, ge=0, le=1)
+    min_chars: int = Field(20, ge=0, description="shorter texts are exempt")
+
+
+class LengthRatioGate(Gate):
+    min: float = Field(0.3, gt=0)
+    max: float = Field(3.0, gt=0)
+
+
+class RepetitionGate(Gate):
+    max: float = Field(0.5, ge=0, le=1)
+
+
+class GatesSection(_Base):
+    comet: CometGate = CometGate()
+    mtld: MTLDGate = MTLDGate()
+    langid: LangIDGate = LangIDGate()
+    length_ratio: LengthRatioGate = LengthRatioGate()
+    repetition: RepetitionGate = RepetitionGate()
+
+
+class RunConfig(_Base):
+    input_uri: str
+    output_uri: str
+    cache_dir: str = ".work/cache"
+    run: RunSection = RunSection()
+    models: ModelsConfig
+    recaption: RecaptionSection = RecaptionSection()
+    filter: FilterSection = FilterSection()
+    translate: TranslateSection = TranslateSection()
+    rephrase: RephraseSection = RephraseSection()
+    gates: GatesSection = GatesSection()
+
+    def fingerprint(self) -> str:
+        """Hash of everything that changes outputs; stored in the manifest."""
+        return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand(obj: Any) -> Any:
+    if isinstance(obj, str):
+
+        def sub(m: re.Match) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in os.environ:
+                return os.environ[name]
+            if default is not None:
+                return default
+            raise ValueError(f"config references ${{{name}}} but it is not set in the environment")
+
+        return _ENV.sub(sub, obj)
+    if isinstance(obj, dict):
+        return {k: _expand(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_expand(v) for v in obj]
+    return obj
+
+
+def apply_overrides(data: dict, overrides: dict[str, Any] | None) -> dict:
+    for key, value in (overrides or {}).items():
+        node = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {key!r}: {p!r} is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Load, expand ${ENV}, apply dotted overrides, validate. Raises ValueError with the field path."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"config file not found: {p}")
+    data = yaml.safe_load(p.read_text()) or {}
+    data = apply_overrides(_expand(data), overrides)
+    return RunConfig.model_validate(data)
+
+
+def config_from_dict(data: dict) -> RunConfig:
+    return RunConfig.model_validate(data)

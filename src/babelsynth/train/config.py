@@ -1,0 +1,130 @@
+"""Validated configuration for the two training stages, the merge and the held-out eval.
+
+Defaults are the Aya Vision 8B numbers (paper §4.2, Table 6; notes/paper.md §8-9) so a YAML file only
+states what differs. `TrainConfig.smoke()` is the few-step CPU setting used by tests and `make demo`.
+Unknown keys fail at load (`extra="forbid"`), before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Stage = Literal["alignment", "sft"]
+Bucket = Literal["multilingual", "english_synthetic", "original"]
+BUCKETS: tuple[Bucket, ...] = ("multilingual", "english_synthetic", "original")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StageConfig(_Strict):
+    """One optimisation stage: AdamW, linear warmup, cosine decay to `min_lr_ratio` x peak."""
+
+    steps: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    warmup_steps: int = Field(200, ge=0, description="capped by `steps` (see effective_warmup)")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description='paper: cosine "10%" = decay to 10% of peak')
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = Field(0.0, ge=0, description="not stated in the paper; applied to >=2-D tensors only")
+    grad_clip: float | None = Field(1.0, gt=0)
+    batch_size: int = Field(128, ge=1, description="rows per optimizer step (packed rows when packing)")
+    micro_batch_size: int | None = Field(None, ge=1, description="gradient accumulation chunk; None = batch_size")
+    max_seq_len: int = Field(8192, ge=8)
+    packing: bool = False
+    seed: int = 0
+
+    @property
+    def effective_warmup(self) -> int:
+        """Warmup never exceeds the run, so a 5-step smoke run still reaches its peak LR."""
+        return min(self.warmup_steps, self.steps)
+
+    @property
+    def micro(self) -> int:
+        return min(self.micro_batch_size or self.batch_size, self.batch_size)
+
+    def lr_factor(self, step: int) -> float:
+        """Multiplier on the peak LR for optimizer step `step` (0-based); a pure function for LambdaLR."""
+        w = self.effective_warmup
+        if step < w:
+            return (step + 1) / w
+        decay = max(1, self.steps - w)
+        progress = min(1.0, (step - w) / decay)
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class MixtureConfig(_Strict):
+    """Sampling ratios by bucket (paper §7.2: 35% multilingual / 31% English synthetic / 34% original).
+
+    A run's shards only hold the synthetic data: rows with `lang != eng_Latn` are `multilingual`,
+    `eng_Latn` rows are `english_synthetic`, and `original` (the untouched academic sets) is absent.
+    Buckets with no rows are dropped and the remaining ratios renormalised, so the default becomes
+    0.35/0.66 = 53% multilingual and 47% English.
+    """
+
+    multilingual: float = Field(0.35, ge=0)
+    english_synthetic: float = Field(0.31, ge=0)
+    original: float = Field(0.34, ge=0)
+
+    @model_validator(mode="after")
+    def _not_all_zero(self) -> MixtureConfig:
+        if self.multilingual + self.english_synthetic + self.original <= 0:
+            raise ValueError("mixture ratios are all zero; give at least one bucket a positive weight")
+        return self
+
+
+class MergeConfig(_Strict):
+    """Cross-modal merge (paper Eq. 1): alpha is the weight on the multimodal LLM; 0.4 was chosen."""
+
+    alpha: float = Field(0.4, ge=0, le=1)
+    sweep: list[float] = Field(default_factory=list, description="extra alphas, e.g. [0.3, 0.5, ..., 1.0]")
+    max_shard_bytes: int = Field(2 << 30, ge=1 << 10)
+
+    @field_validator("sweep")
+    @classmethod
+    def _in_unit_interval(cls, v: list[float]) -> list[float]:
+        bad = [a for a in v if not 0 <= a <= 1]
+        if bad:
+            raise ValueError(f"sweep alphas must be in [0, 1], got {bad}")
+        return sorted(set(v))
+
+
+class EvalConfig(_Strict):
+    """Held-out split (by hash of sample_id, so it is stable across runs) and eval budget."""
+
+    heldout_fraction: float = Field(0.02, ge=0, lt=1)
+    max_batches: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1)
+
+
+class TrainConfig(_Strict):
+    alignment: StageConfig = StageConfig(steps=9700, lr=1e-4, packing=False, max_seq_len=4096)
+    sft: StageConfig = StageConfig(steps=31000, lr=1e-4, packing=True, max_seq_len=8192)
+    mixture: MixtureConfig = MixtureConfig()
+    merge: MergeConfig = MergeConfig()
+    eval: EvalConfig = EvalConfig()
+    checkpoint_every: int = Field(500, ge=1)
+    keep_checkpoints: int = Field(2, ge=1, description="older step-* checkpoint dirs are pruned")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def stage(self, name: Stage) -> StageConfig:
+        return {"alignment": self.alignment, "sft": self.sft}[name]
+
+    @classmethod
+    def smoke(cls, steps: int = 3, **overrides) -> TrainConfig:
+        """A few CPU steps on a tiny model: what tests and `make demo` run (well under a minute)."""
+        stage = dict(steps=steps, warmup_steps=1, batch_size=2, max_seq_len=256, lr=1e-3)
+        base = dict(
+            alignment=StageConfig(**stage),
+            sft=StageConfig(**stage, packing=True),
+            merge=MergeConfig(alpha=0.4, sweep=[0.3, 0.5]),
+            eval=EvalConfig(heldout_fraction=0.2, max_batches=2, batch_size=4),
+            checkpoint_every=max(1, steps // 2),
+            device="cpu",
+        )
+        base.update(overrides)
+        return cls(**base)

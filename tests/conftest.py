@@ -1,0 +1,97 @@
+"""Session fixtures: tiny models built once (and cached across sessions), real vLLM servers, Airflow env.
+
+The Airflow environment is set before anything imports airflow.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = Path(os.environ.get("BABELSYNTH_TEST_WORK", ROOT / ".work" / "test"))
+WORK.mkdir(parents=True, exist_ok=True)
+_AF_HOME = tempfile.mkdtemp(prefix="af_home_", dir=WORK)
+os.environ.update(
+    AIRFLOW_HOME=_AF_HOME,
+    AIRFLOW__CORE__LOAD_EXAMPLES="False",
+    AIRFLOW__CORE__DAGS_FOLDER=str(ROOT / "dags"),
+    AIRFLOW__CORE__UNIT_TEST_MODE="False",
+    HF_HUB_OFFLINE="1",
+    TRANSFORMERS_OFFLINE="1",
+    TOKENIZERS_PARALLELISM="false",
+    PYTHONWARNINGS="ignore",
+)
+os.environ.setdefault("BABELSYNTH_VLLM_PYTHON", str(ROOT / ".venv-vllm" / "bin" / "python"))
+sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="session")
+def models() -> dict[str, str]:
+    """Every tiny model, built from configs with fixed seeds; rebuilt only when a builder changes."""
+    from babelsynth.models.build import build_all
+
+    return build_all(WORK / "models")
+
+
+def _vllm_python() -> str:
+    py = os.environ["BABELSYNTH_VLLM_PYTHON"]
+    if not Path(py).exists():
+        pytest.fail(f"vLLM python {py} missing: run `make setup` (tests never skip the real engine)")
+    return py
+
+
+@pytest.fixture(scope="session")
+def vllm_servers(models):
+    """A real `vllm serve` of the tiny Aya Vision (teacher) and of its text LLM (judge/rephraser)."""
+    from babelsynth.vllm_server import VLLMServer
+
+    py = _vllm_python()
+    logs = WORK / "logs"
+    teacher = VLLMServer(models["vlm"], served_model_name="tiny-aya-vision", python=py, log_dir=logs, vision=True)
+    llm = VLLMServer(models["llm"], served_model_name="tiny-llm", python=py, log_dir=logs)
+    teacher.start(wait=False)
+    llm.start(wait=False)
+    try:
+        teacher.wait()
+        llm.wait()
+        yield {"teacher": teacher, "llm": llm}
+    finally:
+        teacher.stop()
+        llm.stop()
+
+
+@pytest.fixture(scope="session")
+def sample_input(tmp_path_factory) -> str:
+    from babelsynth.sample_data import write_samples
+
+    uri = str(tmp_path_factory.mktemp("input") / "samples.parquet")
+    write_samples(uri, n_per_task=12)
+    return uri
+
+
+def make_config(models: dict, servers: dict, input_uri: str, output_uri: str, cache_dir: str, **over):
+    """The demo config pointed at this session's models and servers, with dotted overrides."""
+    from babelsynth.config import load_config
+
+    env = {"BABELSYNTH_WORK": str(WORK), "BABELSYNTH_MODELS": str(Path(models["nllb_ct2"]).parents[1])}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        base = {
+            "input_uri": input_uri, "output_uri": output_uri, "cache_dir": cache_dir,
+            "models.teacher.base_url": servers["teacher"].url, "models.judge.base_url": servers["llm"].url,
+            "models.rephraser.base_url": servers["llm"].url,
+            "models.translator.path": models["nllb_ct2"], "models.comet.path": models["comet"],
+        }  # fmt: skip
+        return load_config(ROOT / "configs" / "demo.yaml", {**base, **over})
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
