@@ -54,7 +54,8 @@ def lerp(a_mm: torch.Tensor, w_text: torch.Tensor, alpha: float) -> torch.Tensor
     if a_mm.shape != w_text.shape:
         raise ValueError(f"shape mismatch: multimodal {tuple(a_mm.shape)} vs text {tuple(w_text.shape)}")
     work = torch.promote_types(a_mm.dtype, torch.float32)
-    out = alpha * a_mm.to(work) + (1.0 - alpha) * w_text.to(work)
+    out = a_mm.to(work) * alpha  # same rounding as the formula, one temporary fewer
+    out += w_text.to(work) * (1.0 - alpha)
     return out.to(a_mm.dtype)
 
 
