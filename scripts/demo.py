@@ -30,6 +30,10 @@ sys.path.insert(0, str(ROOT))
 os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
 
 
+# CPU vLLM: seeded sampling crashes the engine on partial prefills ("CPU Generator does not use offset").
+VLLM_ARGS = {"max_model_len": 2048, "extra_args": ["--no-enable-chunked-prefill"]}
+
+
 def step(name: str, times: dict):
     class _T:
         def __enter__(self):
@@ -59,15 +63,15 @@ def main() -> int:
     with step("airflow db migrate", times):
         subprocess.run([str(Path(sys.executable).parent / "airflow"), "db", "migrate"], check=True,
                        stdout=subprocess.DEVNULL)  # fmt: skip
-    logs = WORK / "logs"
-    teacher = VLLMServer(models["vlm"], served_model_name="tiny-aya-vision", log_dir=logs, vision=True)
-    llm = VLLMServer(models["llm"], served_model_name="tiny-llm", log_dir=logs)
+    teacher = VLLMServer(models["vlm"], served_model_name="tiny-aya-vision", **VLLM_ARGS, work_dir=WORK / "vllm")
+    llm = VLLMServer(models["llm"], served_model_name="tiny-llm", **VLLM_ARGS, work_dir=WORK / "vllm")
     try:
         with step("start vLLM servers (teacher VLM + text LLM)", times):
-            teacher.start(wait=False)
-            llm.start(wait=False)
-            teacher.wait()
-            llm.wait()
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(2) as pool:
+                for f in [pool.submit(s.start) for s in (teacher, llm)]:
+                    f.result()
             os.environ["BABELSYNTH_TEACHER_URL"], os.environ["BABELSYNTH_LLM_URL"] = teacher.url, llm.url
             print(f"teacher {teacher.url}  llm {llm.url}")
         from airflow.models import DagBag

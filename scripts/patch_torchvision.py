@@ -14,6 +14,7 @@ Run it WITH the python of the venv to patch, e.g.::
 
 Exit code 0 when patched, already patched, or torchvision is absent.
 """
+
 from __future__ import annotations
 
 import re

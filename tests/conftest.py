@@ -31,6 +31,10 @@ sys.path.insert(0, str(ROOT))
 
 
 @pytest.fixture(scope="session")
+# CPU vLLM: seeded sampling crashes the engine on partial prefills ("CPU Generator does not use offset").
+VLLM_ARGS = {"max_model_len": 2048, "extra_args": ["--no-enable-chunked-prefill"]}
+
+
 def models() -> dict[str, str]:
     """Every tiny model, built from configs with fixed seeds; rebuilt only when a builder changes."""
     from babelsynth.models.build import build_all
@@ -51,18 +55,25 @@ def vllm_servers(models):
     from babelsynth.vllm_server import VLLMServer
 
     py = _vllm_python()
-    logs = WORK / "logs"
-    teacher = VLLMServer(models["vlm"], served_model_name="tiny-aya-vision", python=py, log_dir=logs, vision=True)
-    llm = VLLMServer(models["llm"], served_model_name="tiny-llm", python=py, log_dir=logs)
-    teacher.start(wait=False)
-    llm.start(wait=False)
+    servers = {
+        "teacher": VLLMServer(models["vlm"], served_model_name="tiny-aya-vision", **VLLM_ARGS, python=py, work_dir=WORK / "vllm"),
+        "llm": VLLMServer(models["llm"], served_model_name="tiny-llm", **VLLM_ARGS, python=py, work_dir=WORK / "vllm"),
+    }
     try:
-        teacher.wait()
-        llm.wait()
-        yield {"teacher": teacher, "llm": llm}
+        start_all(servers.values())
+        yield servers
     finally:
-        teacher.stop()
-        llm.stop()
+        for s in servers.values():
+            s.stop()
+
+
+def start_all(servers) -> None:
+    """Start servers concurrently (each start blocks until /health answers)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:
+        for f in [pool.submit(s.start) for s in servers]:
+            f.result()
 
 
 @pytest.fixture(scope="session")

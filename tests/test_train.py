@@ -71,6 +71,7 @@ def _tokenizer():
         vocab_size=400, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<BOS_TOKEN>", eos_token="<|END_OF_TURN_TOKEN|>",
                                    pad_token="<PAD>", additional_special_tokens=SPECIALS[3:],
+                                   model_input_names=["input_ids", "attention_mask"],
                                    chat_template=CHAT_TEMPLATE)
 
 
@@ -212,8 +213,7 @@ def test_streaming_joins_images_and_holds_out(run_root, processor):
     by_id = {r["sample_id"]: r for r in data.rows("all", 0.0)}
     for row in by_id.values():  # every referenced image resolves to the colour the answer names
         color = next(c for c in COLORS if c in row["answer"])
-        assert data.images.get(row["image_ids"][-1 if len(row["image_ids"]) == 1 else 0]).getpixel((0, 0)) \
-            == COLORS[color]
+        assert data.images.get(row["image_ids"][0]).getpixel((0, 0)) == COLORS[color]
     frac = 0.25
     stream = MixtureStream(data, row_encoder(processor, data.images, 256), MixtureConfig(), seed=3,
                            heldout_fraction=frac)
@@ -295,18 +295,25 @@ def test_sft_trains_connector_and_llm_not_vision(tiny, run_root, processor, tmp_
     assert _diff_parts(before, _state(model)) == {"vision": False, "connector": True, "llm": True}
 
 
-def test_resume_after_checkpoint_is_bit_identical(tiny, run_root, processor, tmp_path):
+@pytest.fixture(scope="module")
+def uninterrupted(tiny, run_root, processor, tmp_path_factory):
     cfg = _cfg(steps=5, packing=True, max_seq_len=96, micro_batch_size=1, weight_decay=0.1)
-    full = load_vlm(tiny[0])
-    ref = run_stage(full, "sft", processor=processor, run_uri=run_root, cfg=cfg, out_dir=tmp_path / "a")
+    model = load_vlm(tiny[0])
+    res = run_stage(model, "sft", processor=processor, run_uri=run_root, cfg=cfg,
+                    out_dir=tmp_path_factory.mktemp("uninterrupted"))
+    return cfg, model, res
 
-    first = load_vlm(tiny[0])  # "preempted" after step 3: last checkpoint is step 2
-    part = run_stage(first, "sft", processor=processor, run_uri=run_root, cfg=cfg, out_dir=tmp_path / "b",
-                     stop_after=3)
-    assert not part.completed and part.steps == 3
+
+@pytest.mark.parametrize("stop_after", [2, 3])  # right at the step-2 checkpoint, or one step past it
+def test_resume_after_checkpoint_is_bit_identical(tiny, run_root, processor, tmp_path, uninterrupted, stop_after):
+    cfg, full, ref = uninterrupted
+    first = load_vlm(tiny[0])
+    part = run_stage(first, "sft", processor=processor, run_uri=run_root, cfg=cfg, out_dir=tmp_path,
+                     stop_after=stop_after)
+    assert not part.completed and part.steps == stop_after
     del first
     second = load_vlm(tiny[0])  # a fresh process would start from the base weights again
-    rest = run_stage(second, "sft", processor=processor, run_uri=run_root, cfg=cfg, out_dir=tmp_path / "b")
+    rest = run_stage(second, "sft", processor=processor, run_uri=run_root, cfg=cfg, out_dir=tmp_path)
     assert rest.resumed_from == 2 and rest.completed
     assert rest.losses == ref.losses[2:]
     a, b = full.state_dict(), second.state_dict()
@@ -366,6 +373,30 @@ def test_merged_model_loads_and_generates(tiny, perturbed_text, processor, tmp_p
     assert out.shape[1] > inputs["input_ids"].shape[1]
     want = _tensors(perturbed_text)["model.norm.weight"] * 0.6 + 0.4 * _tensors(tiny[0])["language_model.model.norm.weight"]
     assert torch.equal(model.model.language_model.norm.weight.detach(), want)
+
+
+def test_merge_other_layout_and_untied_head(tmp_path):
+    """transformers>=5 names (model.language_model.*, lm_head.weight) with an untied VLM head and a
+    tied text model: the head is merged against the text embeddings."""
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    vlm, text = tmp_path / "vlm", tmp_path / "text"
+    vlm.mkdir()
+    text.mkdir()
+    v = {"model.language_model.embed_tokens.weight": r(10, 4), "model.language_model.norm.weight": r(4),
+         "lm_head.weight": r(10, 4), "model.vision_tower.x": r(3), "model.multi_modal_projector.y": r(2, 2)}
+    t = {"model.embed_tokens.weight": r(10, 4), "model.norm.weight": r(4)}
+    save_file(v, str(vlm / "model.safetensors"), metadata={"format": "pt"})
+    save_file(t, str(text / "model.safetensors"), metadata={"format": "pt"})
+    (text / "config.json").write_text(json.dumps({"tie_word_embeddings": True}))
+    got = _tensors(merge_llm(vlm, text, tmp_path / "out", 0.4))
+    assert torch.equal(got["lm_head.weight"], 0.4 * v["lm_head.weight"] + 0.6 * t["model.embed_tokens.weight"])
+    assert torch.equal(got["model.language_model.norm.weight"], 0.4 * v["model.language_model.norm.weight"]
+                       + 0.6 * t["model.norm.weight"])
+    assert torch.equal(got["model.vision_tower.x"], v["model.vision_tower.x"])
+    (text / "config.json").write_text(json.dumps({"tie_word_embeddings": False}))
+    with pytest.raises(ValueError, match="not tied"):
+        merge_llm(vlm, text, tmp_path / "out", 0.4)
 
 
 def test_merge_rejects_mismatched_models(tiny, tmp_path):

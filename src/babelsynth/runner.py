@@ -287,6 +287,7 @@ def _merge_stats(acc: dict, s: dict) -> None:
     for k, v in s["reasons"].items():
         acc.setdefault("reasons", {})[k] = acc.get("reasons", {}).get(k, 0) + v
     acc.setdefault("reasons", {})
+    acc.setdefault("by_lang", {})
     for lang, c in s["by_lang"].items():
         d = acc.setdefault("by_lang", {}).setdefault(lang, {"in": 0, "out": 0, "rejected": 0})
         for k in d:

@@ -24,15 +24,7 @@ from babelsynth.prompts import load_prompt
 
 log = logging.getLogger(__name__)
 
-JUDGE_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "explanation": {"type": "string", "maxLength": 160},
-        "decision": {"type": "string", "enum": ["YES", "NO"]},
-    },
-    "required": ["explanation", "decision"],
-    "additionalProperties": False,
-}
+VERDICT_CHOICE = {"structured_outputs": {"choice": ["YES", "NO"]}}
 
 
 @dataclass
@@ -166,6 +158,9 @@ def recaption(ctx: Context, rows: list[dict]) -> StageResult:
         retry = []
         for i, res in zip(pending, results):
             r = rows[i]
+            if res.error:
+                rejected.append(reject(r, "recaption", "teacher_request_rejected", res.error))
+                continue
             text = extract_tag(res.text, "answer")
             text = res.text.strip() if text is None else text
             flags = check_recaption(Candidate(res.text, text, res.finish_reason, r["question"], r["answer_gt"]),
@@ -192,22 +187,11 @@ JUDGE_READS = ("question", "answer_gt", "answer_en")
 JUDGE_WRITES = ("judge_decision", "judge_explanation")
 
 
-def parse_verdict(text: str) -> tuple[str | None, str]:
-    """(YES|NO|None, explanation) from the judge's JSON; tolerant of a cut-off explanation."""
-    try:
-        d = json.loads(text)
-        dec = str(d.get("decision", "")).upper()
-        return (dec if dec in ("YES", "NO") else None), str(d.get("explanation", ""))
-    except (json.JSONDecodeError, AttributeError):
-        import re
-
-        m = re.search(r'"decision"\s*:\s*"(YES|NO)"', text) or re.search(r"Final Decision:\s*(YES|NO)", text)
-        return (m.group(1) if m else None), text[:300]
-
-
 def judge(ctx: Context, rows: list[dict]) -> StageResult:
-    """Text-only LLM judge compares the recaption with the ground truth. Drop reasons: judge_rejected,
-    judge_unparsable."""
+    """Text-only LLM judge compares the recaption with the ground truth (no image).
+
+    Turn 1 asks for a brief explanation; turn 2 asks for the decision, constrained by structured output
+    to exactly YES or NO, so the verdict always parses. Drop reason: judge_rejected (explanation kept)."""
     from babelsynth.backends.chat_http import ChatRequest
 
     jc = ctx.cfg.filter.judge
@@ -215,21 +199,26 @@ def judge(ctx: Context, rows: list[dict]) -> StageResult:
         return StageResult([{**r, "judge_decision": None, "judge_explanation": ""} for r in rows])
     client = ctx.chat("judge")
     p = load_prompt("judge", "hallucination", jc.prompt_version)
-    extra = {"response_format": {"type": "json_schema",
-                                 "json_schema": {"name": "verdict", "schema": JUDGE_SCHEMA, "strict": True}}}  # fmt: skip
-    reqs = [ChatRequest(p.render(question=r["question"], answer_gt=r["answer_gt"], response=r["answer_en"]),
-                        jc.max_tokens, jc.temperature, seed=_seed("judge", r["source_id"]), extra=extra)
-            for r in rows]  # fmt: skip
+    convs = [p.render(question=r["question"], answer_gt=r["answer_gt"], response=r["answer_en"]) for r in rows]
+    seeds = [_seed("judge", r["source_id"]) for r in rows]
+    expl = client.chat_many([ChatRequest(m, jc.max_tokens, jc.temperature, seed=s) for m, s in zip(convs, seeds)])
+    decide = [ChatRequest([*m, {"role": "assistant", "content": e.text}, {"role": "user", "content": p.spec["decision"]}],
+                          4, jc.temperature, seed=s, extra=VERDICT_CHOICE) for m, e, s in zip(convs, expl, seeds)]  # fmt: skip
     kept, rejected = [], []
-    for r, res in zip(rows, client.chat_many(reqs)):
-        dec, expl = parse_verdict(res.text)
-        out = {**r, "judge_decision": dec, "judge_explanation": expl}
+    for r, e, d in zip(rows, expl, client.chat_many(decide)):
+        if e.error or d.error:
+            rejected.append(reject(r, "judge", "judge_request_rejected", e.error or d.error))
+            continue
+        dec = d.text.strip().upper()
+        if dec not in ("YES", "NO"):  # a server without structured outputs: fail loudly, never guess
+            raise RuntimeError(f"judge returned {d.text!r}; the server must support structured outputs (choice)")
+        out = {**r, "judge_decision": dec, "judge_explanation": e.text.strip()}
         if dec == "YES":
             kept.append(out)
         elif jc.mode == "report":
-            kept.append({**out, "filter_flags": [*r["filter_flags"], "judge_rejected" if dec else "judge_unparsable"]})
+            kept.append({**out, "filter_flags": [*r["filter_flags"], "judge_rejected"]})
         else:
-            rejected.append(reject(out, "judge", "judge_rejected" if dec else "judge_unparsable", expl))
+            rejected.append(reject(out, "judge", "judge_rejected", e.text.strip()))
     return StageResult(kept, rejected, {"requests_sent": client.sent})
 
 
@@ -311,7 +300,9 @@ def rephrase(ctx: Context, rows: list[dict]) -> StageResult:
         statuses = []
         for j, col in ((2 * k, "rephrase_prompt"), (2 * k + 1, "rephrase_answer")):
             text = extract_tag(res[j].text, "translation")
-            if text is None:
+            if res[j].error:
+                statuses.append("request_rejected")
+            elif text is None:
                 statuses.append("no_tag")
             elif not text:
                 statuses.append("empty")

@@ -57,6 +57,7 @@ class ChatResult:
     prompt_tokens: int
     completion_tokens: int
     cached: bool = False
+    error: str | None = None  # the server refused this request (e.g. prompt longer than the context)
 
 
 def image_data_url(data: bytes, max_side: int) -> str:
@@ -119,7 +120,7 @@ class ChatClient:
             async def one(req: ChatRequest, key: str) -> ChatResult:
                 async with sem:
                     res = await self._post(client, req)
-                if self.cache:
+                if self.cache and res.error is None:
                     self.cache.put(key, {k: v for k, v in res.__dict__.items() if k != "cached"})
                 self.completed += 1
                 return res
@@ -141,8 +142,8 @@ class ChatClient:
             if r.status_code == 429 or r.status_code >= 500:
                 last = f"HTTP {r.status_code}: {r.text[:200]}"
                 continue
-            if r.status_code >= 400:
-                raise BackendError(f"{url} rejected the request: HTTP {r.status_code}: {r.text[:500]}")
+            if r.status_code >= 400:  # deterministic refusal of this one request: the row decides, not the run
+                return ChatResult("", None, 0, 0, error=f"HTTP {r.status_code}: {r.text[:300]}")
             data = r.json()
             choice = data["choices"][0]
             usage = data.get("usage") or {}

@@ -63,7 +63,8 @@ class MixtureConfig(_Strict):
     A run's shards only hold the synthetic data: rows with `lang != eng_Latn` are `multilingual`,
     `eng_Latn` rows are `english_synthetic`, and `original` (the untouched academic sets) is absent.
     Buckets with no rows are dropped and the remaining ratios renormalised, so the default becomes
-    0.35/0.66 = 53% multilingual and 47% English.
+    0.35/0.66 = 53% multilingual and 47% English. The same mixture feeds both stages: the paper's
+    alignment data (LLaVA-Pretrain + 14% multilingual) is not in a run, so it is not reproduced here.
     """
 
     multilingual: float = Field(0.35, ge=0)

@@ -30,7 +30,7 @@ def load_for_eval(model_dir: str | os.PathLike, device: torch.device):
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     cls = AutoModelForImageTextToText if is_vlm_dir(model_dir) else AutoModelForCausalLM
-    return cls.from_pretrained(str(model_dir), torch_dtype=torch.float32).to(device).eval()
+    return cls.from_pretrained(str(model_dir), dtype=torch.float32).to(device).eval()
 
 
 @torch.no_grad()
@@ -46,10 +46,11 @@ def answer_loss(model, examples: list[Example], batch_size: int, pad_id: int,
 
 
 def evaluate_models(models: dict[str, str | os.PathLike], run_uri: str, processor, cfg: TrainConfig,
-                    out_path: str | os.PathLike | None = None) -> dict:
-    """{name: {"text_loss", "mm_loss", "n_text", "n_mm", "dir"}} for every model dir given.
-    The processor (the VLM's) tokenizes for all models, so text and VLM losses are comparable;
-    the text model must share the tokenizer (merge_llm already checks vocab shapes)."""
+                    out_path: str | os.PathLike | None = None, write_next_to: set[str] = frozenset()) -> dict:
+    """{name: {"text_loss", "mm_loss", "n_text", "n_mm", "dir", "kind"}} for every model dir given;
+    the models named in `write_next_to` also get <dir>/eval.json (inputs such as the text base are
+    left untouched). The VLM's processor tokenizes for all models, so text and VLM losses are
+    comparable; the text model must share the tokenizer (merge_llm checks the vocab shapes)."""
     device = resolve_device(cfg.device)
     data = RunData(run_uri)
     limit = cfg.eval.max_batches * cfg.eval.batch_size
@@ -74,7 +75,8 @@ def evaluate_models(models: dict[str, str | os.PathLike], run_uri: str, processo
         }
         del model
         results[name] = res
-        (Path(model_dir) / EVAL_FILE).write_text(json.dumps(res, indent=1))
+        if name in write_next_to:
+            (Path(model_dir) / EVAL_FILE).write_text(json.dumps(res, indent=1))
     if out_path is not None:
         Path(out_path).write_text(json.dumps(results, indent=1))
     return results

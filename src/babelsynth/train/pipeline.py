@@ -52,7 +52,7 @@ def train_and_merge(manifest_uri: str, vlm_dir: str, text_dir: str, out_dir: str
             merges[name] = merge_llm(sft_dir, text_dir, out / name, alpha, cfg.merge.max_shard_bytes)
 
     evals = evaluate_models({"text_base": text_dir, "sft": sft_dir, **merges}, manifest_uri, processor, cfg,
-                            out_path=out / "eval.json")
+                            out_path=out / "eval.json", write_next_to={"sft", *merges})
     summary = {
         "out_dir": str(out),
         "stages": stages,

@@ -70,10 +70,10 @@ def resolve_device(pref: str = "auto") -> torch.device:
 
 
 def load_vlm(path: str | os.PathLike, device: torch.device | str = "cpu"):
-    """fp32 master weights (bf16 autocast on CUDA); eager-free sdpa attention."""
+    """fp32 master weights; on CUDA the forward runs under bf16 autocast."""
     from transformers import AutoModelForImageTextToText
 
-    model = AutoModelForImageTextToText.from_pretrained(str(path), torch_dtype=torch.float32)
+    model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=torch.float32)
     return model.to(device)
 
 
@@ -213,6 +213,8 @@ def run_stage(model, stage: Stage, *, processor, run_uri: str, cfg: TrainConfig,
     out = Path(out_dir)
     device = next(model.parameters()).device
     dist = _dist_setup(device)
+    if scfg.batch_size % dist.world:
+        raise ValueError(f"batch_size {scfg.batch_size} must be a multiple of WORLD_SIZE {dist.world}")
     freeze_for_stage(model, stage)
     model.train()
     torch.manual_seed(scfg.seed)
