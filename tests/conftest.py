@@ -30,11 +30,11 @@ os.environ.setdefault("BABELSYNTH_VLLM_PYTHON", str(ROOT / ".venv-vllm" / "bin" 
 sys.path.insert(0, str(ROOT))
 
 
-@pytest.fixture(scope="session")
 # CPU vLLM: seeded sampling crashes the engine on partial prefills ("CPU Generator does not use offset").
 VLLM_ARGS = {"max_model_len": 2048, "extra_args": ["--no-enable-chunked-prefill"]}
 
 
+@pytest.fixture(scope="session")
 def models() -> dict[str, str]:
     """Every tiny model, built from configs with fixed seeds; rebuilt only when a builder changes."""
     from babelsynth.models.build import build_all
