@@ -30,10 +30,6 @@ sys.path.insert(0, str(ROOT))
 os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
 
 
-# CPU vLLM: seeded sampling crashes the engine on partial prefills ("CPU Generator does not use offset").
-VLLM_ARGS = {"max_model_len": 2048, "extra_args": ["--no-enable-chunked-prefill"]}
-
-
 def step(name: str, times: dict):
     class _T:
         def __enter__(self):
@@ -63,8 +59,8 @@ def main() -> int:
     with step("airflow db migrate", times):
         subprocess.run([str(Path(sys.executable).parent / "airflow"), "db", "migrate"], check=True,
                        stdout=subprocess.DEVNULL)  # fmt: skip
-    teacher = VLLMServer(models["vlm"], served_model_name="tiny-aya-vision", **VLLM_ARGS, work_dir=WORK / "vllm")
-    llm = VLLMServer(models["llm"], served_model_name="tiny-llm", **VLLM_ARGS, work_dir=WORK / "vllm")
+    teacher = VLLMServer(models["vlm"], served_model_name="tiny-aya-vision", work_dir=WORK / "vllm")
+    llm = VLLMServer(models["llm"], served_model_name="tiny-llm", work_dir=WORK / "vllm")
     try:
         with step("start vLLM servers (teacher VLM + text LLM)", times):
             from concurrent.futures import ThreadPoolExecutor

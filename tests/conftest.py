@@ -30,10 +30,6 @@ os.environ.setdefault("BABELSYNTH_VLLM_PYTHON", str(ROOT / ".venv-vllm" / "bin" 
 sys.path.insert(0, str(ROOT))
 
 
-# CPU vLLM: seeded sampling crashes the engine on partial prefills ("CPU Generator does not use offset").
-VLLM_ARGS = {"max_model_len": 2048, "extra_args": ["--no-enable-chunked-prefill"]}
-
-
 @pytest.fixture(scope="session")
 def models() -> dict[str, str]:
     """Every tiny model, built from configs with fixed seeds; rebuilt only when a builder changes."""
@@ -56,8 +52,8 @@ def vllm_servers(models):
 
     py = _vllm_python()
     servers = {
-        "teacher": VLLMServer(models["vlm"], served_model_name="tiny-aya-vision", **VLLM_ARGS, python=py, work_dir=WORK / "vllm"),
-        "llm": VLLMServer(models["llm"], served_model_name="tiny-llm", **VLLM_ARGS, python=py, work_dir=WORK / "vllm"),
+        "teacher": VLLMServer(models["vlm"], served_model_name="tiny-aya-vision", python=py, work_dir=WORK / "vllm"),
+        "llm": VLLMServer(models["llm"], served_model_name="tiny-llm", python=py, work_dir=WORK / "vllm"),
     }
     try:
         start_all(servers.values())

@@ -108,7 +108,7 @@ class VLLMServer:
         served_model_name: str | None = None,
         port: int | None = None,
         host: str = "127.0.0.1",
-        max_model_len: int = 1024,
+        max_model_len: int = 2048,
         kv_cache_memory_bytes: int = DEFAULT_KV_CACHE_BYTES,
         dtype: str = "bfloat16",
         seed: int = 0,
@@ -172,6 +172,9 @@ class VLLMServer:
             "--host", self.host, "--port", str(self.port),
             "--max-model-len", str(self.max_model_len), "--enforce-eager", "--dtype", self.dtype,
             "--kv-cache-memory-bytes", str(self.kv_cache_memory_bytes), "--seed", str(self.seed),
+            # CPU vLLM 0.32: a seeded request hit by a partial prefill kills the engine
+            # ("RuntimeError: CPU Generator does not use offset"); whole prefills avoid that path.
+            "--no-enable-chunked-prefill",
         ]  # fmt: skip
         if self.multimodal:
             cmd += ["--limit-mm-per-prompt", json.dumps(self.limit_mm_per_prompt)]
