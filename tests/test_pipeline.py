@@ -148,16 +148,16 @@ def test_s3_output_through_a_real_s3_protocol(models, vllm_servers, sample_input
         for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
             monkeypatch.setenv(k, v)
         s3 = boto3.client("s3", endpoint_url=f"http://{host}:{port}")
-        s3.create_bucket(Bucket="bs")
-        s3.upload_file(sample_input, "bs", "input/samples.parquet")
-        cfg = make_config(models, vllm_servers, "s3://bs/input/samples.parquet", "s3://bs/runs",
+        s3.create_bucket(Bucket="babelsynth")
+        s3.upload_file(sample_input, "babelsynth", "input/samples.parquet")
+        cfg = make_config(models, vllm_servers, "s3://babelsynth/input/samples.parquet", "s3://babelsynth/runs",
                           str(tmp_path / "cache"), **{"run.limit": 6, "run.languages": ["deu_Latn", "zho_Hant"]})  # fmt: skip
         m = runner.run_all(cfg, "s3run")
-        keys = {o["Key"] for o in s3.list_objects_v2(Bucket="bs", Prefix="runs/s3run/")["Contents"]}
+        keys = {o["Key"] for o in s3.list_objects_v2(Bucket="babelsynth", Prefix="runs/s3run/")["Contents"]}
         assert "runs/s3run/manifest.json" in keys
         for f in m["files"]:
-            body = s3.get_object(Bucket="bs", Key=f"runs/s3run/{f['path']}")["Body"].read()
+            body = s3.get_object(Bucket="babelsynth", Key=f"runs/s3run/{f['path']}")["Body"].read()
             assert hashlib.sha256(body).hexdigest() == f["sha256"]
-        assert json.loads(storage.read_bytes("s3://bs/runs/s3run/manifest.json"))["reconciliation"]["ok"]
+        assert json.loads(storage.read_bytes("s3://babelsynth/runs/s3run/manifest.json"))["reconciliation"]["ok"]
     finally:
         server.stop()

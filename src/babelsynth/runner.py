@@ -288,6 +288,9 @@ def _merge_stats(acc: dict, s: dict) -> None:
         acc.setdefault("reasons", {})[k] = acc.get("reasons", {}).get(k, 0) + v
     acc.setdefault("reasons", {})
     acc.setdefault("by_lang", {})
+    for k, v in s.items():  # stage-specific counters (requests_sent, engine_calls, ...) add up
+        if k not in ("in", "out", "rejected", "seconds", "stage") and isinstance(v, int | float):
+            acc[k] = acc.get(k, 0) + v
     for lang, c in s["by_lang"].items():
         d = acc.setdefault("by_lang", {}).setdefault(lang, {"in": 0, "out": 0, "rejected": 0})
         for k in d:
