@@ -1,0 +1,48 @@
+"""Stage-2 hallucination judge."""
+
+from __future__ import annotations
+
+from babelsynth.prompts import load_prompt
+from babelsynth.stages.base import Context, StageResult, reject
+from babelsynth.stages.base import stable_seed
+
+VERDICT_CHOICE = {"structured_outputs": {"choice": ["YES", "NO"]}}
+
+
+READS = ("question", "answer_gt", "answer_en")
+WRITES = ("judge_decision", "judge_explanation")
+
+
+def judge(ctx: Context, rows: list[dict]) -> StageResult:
+    """Text-only LLM judge compares the recaption with the ground truth (no image).
+
+    Turn 1 asks for a brief explanation; turn 2 asks for the decision, constrained by structured output
+    to exactly YES or NO, so the verdict always parses. Drop reason: judge_rejected (explanation kept)."""
+    from babelsynth.backends.chat_http import ChatRequest
+
+    jc = ctx.cfg.filter.judge
+    if not jc.enabled:
+        return StageResult([{**r, "judge_decision": None, "judge_explanation": ""} for r in rows])
+    client = ctx.chat("judge")
+    p = load_prompt("judge", "hallucination", jc.prompt_version)
+    convs = [p.render(question=r["question"], answer_gt=r["answer_gt"], response=r["answer_en"]) for r in rows]
+    seeds = [stable_seed("judge", r["source_id"]) for r in rows]
+    expl = client.chat_many([ChatRequest(m, jc.max_tokens, jc.temperature, seed=s) for m, s in zip(convs, seeds)])
+    decide = [ChatRequest([*m, {"role": "assistant", "content": e.text}, {"role": "user", "content": p.spec["decision"]}],
+                          4, jc.temperature, seed=s, extra=VERDICT_CHOICE) for m, e, s in zip(convs, expl, seeds)]  # fmt: skip
+    kept, rejected = [], []
+    for r, e, d in zip(rows, expl, client.chat_many(decide)):
+        if e.error or d.error:
+            rejected.append(reject(r, "judge", "judge_request_rejected", e.error or d.error))
+            continue
+        dec = d.text.strip().upper()
+        if dec not in ("YES", "NO"):  # a server without structured outputs: fail loudly, never guess
+            raise RuntimeError(f"judge returned {d.text!r}; the server must support structured outputs (choice)")
+        out = {**r, "judge_decision": dec, "judge_explanation": e.text.strip()}
+        if dec == "YES":
+            kept.append(out)
+        elif jc.mode == "report":
+            kept.append({**out, "filter_flags": [*r["filter_flags"], "judge_rejected"]})
+        else:
+            rejected.append(reject(out, "judge", "judge_rejected", e.text.strip()))
+    return StageResult(kept, rejected, {"requests_sent": client.sent})
