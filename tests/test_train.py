@@ -504,3 +504,25 @@ def test_train_and_merge_end_to_end(tiny, run_root, tmp_path):
     again = train_and_merge(str(run_root), str(tiny[0]), str(tiny[1]), str(out), cfg)
     assert again["stages"]["sft"]["resumed_from"] == 2
     assert again["eval"]["merged"] == summary["eval"]["merged"]
+
+
+@pytest.mark.slow
+def test_merged_checkpoint_is_served_by_vllm(models, tmp_path):
+    """The merge output keeps the VLM's names and files, so the production server loads it unchanged."""
+    import base64
+
+    import httpx
+    from PIL import Image
+
+    from babelsynth.vllm_server import VLLMServer
+
+    d = merge_llm(models["vlm"], models["llm"], tmp_path / "merged", 0.4)
+    buf = io.BytesIO()
+    Image.new("RGB", (56, 56), COLORS["red"]).save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    with VLLMServer(d, served_model_name="merged", work_dir=tmp_path / "vllm") as srv:
+        r = httpx.post(f"{srv.url}/chat/completions", timeout=60, json={
+            "model": "merged", "max_tokens": 8, "temperature": 0, "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is this?"}]}]})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] > 0
