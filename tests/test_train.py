@@ -526,3 +526,14 @@ def test_merged_checkpoint_is_served_by_vllm(models, tmp_path):
                 {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is this?"}]}]})
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] > 0
+
+
+@pytest.mark.parametrize("name", ["train_demo", "train_aya_vision_8b", "train_aya_vision_32b"])
+def test_training_recipes_validate(name, monkeypatch):
+    from babelsynth.train.run import load_recipe
+
+    monkeypatch.setenv("BABELSYNTH_MODELS", "/m")
+    r = load_recipe(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml")
+    assert r.train.merge.alpha == 0.4 and r.train.alignment.betas == (0.9, 0.95)
+    if name == "train_aya_vision_32b":
+        assert (r.train.alignment.lr, r.train.sft.lr) == (1e-3, 5e-4)
