@@ -50,6 +50,11 @@ def main(argv: list[str] | None = None) -> int:
         if name == "run-stage":
             p.add_argument("--stage", required=True)
 
+    t = sub.add_parser("train", help="SFT (alignment, then SFT) on a run's shards, then the cross-modal merge")
+    t.add_argument("--manifest", required=True, help="manifest.json URI of a finished run")
+    t.add_argument("--recipe", required=True, help="training YAML, e.g. configs/train_aya_vision_8b.yaml")
+    t.add_argument("--out", default=None, help="checkpoint dir; default <run>/training")
+
     c = sub.add_parser("check-config", help="validate a config without loading any model")
     c.add_argument("--config", required=True)
     c.add_argument("--set", action="append", default=[])
@@ -66,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         from babelsynth.sample_data import write_samples
 
         print(write_samples(args.out, args.per_task))
+    elif args.cmd == "train":
+        from babelsynth.train.run import train_from_manifest
+
+        print(json.dumps(train_from_manifest(args.manifest, args.recipe, args.out), indent=1))
     elif args.cmd == "check-config":
         print(_cfg(args).model_dump_json(indent=1))
     elif args.cmd == "plan":
