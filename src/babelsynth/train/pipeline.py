@@ -43,6 +43,8 @@ def train_and_merge(manifest_uri: str, vlm_dir: str, text_dir: str, out_dir: str
                          "resumed_from": res.resumed_from, "skipped_examples": res.skipped_examples}
     del model
     gc.collect()
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 merges and evaluates
+        return {"out_dir": str(out), "stages": stages, "rank": int(os.environ["RANK"])}
 
     sft_dir = out / "sft"
     merges = {"merged": merge_llm(sft_dir, text_dir, out / "merged", cfg.merge.alpha, cfg.merge.max_shard_bytes)}
