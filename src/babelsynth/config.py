@@ -36,6 +36,9 @@ class OpenAIHTTPBackend(_Base):
     base_url: str
     model: str
     api_key_env: str | None = Field(None, description="env var holding the API key; never logged")
+    api_key_conn_id: str | None = Field(
+        None, description="Airflow connection whose password is the API key (AIRFLOW_CONN_<ID> or the running "
+        "task's Airflow); used when api_key_env is unset or empty; never logged")
     max_concurrency: int = Field(16, ge=1, le=1024)
     timeout_s: float = Field(120.0, gt=0)
     max_retries: int = Field(4, ge=0, le=20)
@@ -43,7 +46,25 @@ class OpenAIHTTPBackend(_Base):
     image_max_side: int = Field(1024, ge=16)
 
 
-ChatBackendConfig = Annotated[OpenAIHTTPBackend, Field(discriminator="kind")]
+class VLLMOfflineBackend(_Base):
+    """In-process `vllm.LLM` on a worker that owns its GPU. vLLM lives in its own venv, so the engine runs in
+    a child process of that venv's python, fed JSON lines (backends/vllm_offline.py)."""
+
+    kind: Literal["vllm_offline"] = "vllm_offline"
+    model: str = Field(description="id recorded in outputs and cache keys (same role as a served model name)")
+    path: str = Field(description="local HF model directory; never a hub id")
+    python: str | None = Field(None, description="vLLM venv python; default $BABELSYNTH_VLLM_PYTHON or .venv-vllm")
+    max_model_len: int = Field(4096, ge=64)
+    dtype: str = "auto"
+    kv_cache_memory_bytes: int | None = Field(None, ge=1 << 20)
+    limit_mm_per_prompt: dict[str, int] = Field(default_factory=lambda: {"image": 2})
+    batch_size: int = Field(256, ge=1, description="requests per engine call; results are cached per call")
+    engine_args: dict[str, Any] = Field(default_factory=dict, description="more vllm.LLM keyword arguments")
+    image_max_side: int = Field(1024, ge=16)
+    startup_timeout_s: float = Field(900.0, gt=0)
+
+
+ChatBackendConfig = Annotated[OpenAIHTTPBackend | VLLMOfflineBackend, Field(discriminator="kind")]
 
 
 class CT2NLLBBackend(_Base):

@@ -295,6 +295,10 @@ def _merge_stats(acc: dict, s: dict) -> None:
         d = acc.setdefault("by_lang", {}).setdefault(lang, {"in": 0, "out": 0, "rejected": 0})
         for k in d:
             d[k] += c[k]
+    if "by_task" in s:  # teacher metrics per task type: counters add up, ratios are recomputed
+        from babelsynth.filters import merge_task_stats
+
+        merge_task_stats(acc.setdefault("by_task", {}), s["by_task"])
 
 
 def reconcile(m: dict) -> dict:

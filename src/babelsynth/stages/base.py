@@ -34,9 +34,9 @@ class Context:
         return self._backends[name]
 
     def chat(self, role: str):
-        from babelsynth.backends.chat_http import ChatClient
+        from babelsynth.backends.chat_http import make_chat_client  # by the backend's `kind`
 
-        return self._get(role, lambda: ChatClient(getattr(self.cfg.models, role), self.cache))
+        return self._get(role, lambda: make_chat_client(getattr(self.cfg.models, role), self.cache))
 
     def translator(self):
         from babelsynth.backends.nllb_ct2 import NLLBTranslator

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
+
+from babelsynth.filters import task_stats
 from babelsynth.prompts import load_prompt
 from babelsynth.stages.base import Context, StageResult, reject
 from babelsynth.stages.base import stable_seed
@@ -9,7 +12,7 @@ from babelsynth.stages.base import stable_seed
 VERDICT_CHOICE = {"structured_outputs": {"choice": ["YES", "NO"]}}
 
 
-READS = ("question", "answer_gt", "answer_en")
+READS = ("task_type", "question", "answer_gt", "answer_en")
 WRITES = ("judge_decision", "judge_explanation")
 
 
@@ -17,7 +20,8 @@ def judge(ctx: Context, rows: list[dict]) -> StageResult:
     """Text-only LLM judge compares the recaption with the ground truth (no image).
 
     Turn 1 asks for a brief explanation; turn 2 asks for the decision, constrained by structured output
-    to exactly YES or NO, so the verdict always parses. Drop reason: judge_rejected (explanation kept)."""
+    to exactly YES or NO, so the verdict always parses. Drop reason: judge_rejected (explanation kept).
+    Stats: requests_sent and by_task (judged, stage2_no, stage2_dropped and their rates)."""
     from babelsynth.backends.chat_http import ChatRequest
 
     jc = ctx.cfg.filter.judge
@@ -31,18 +35,26 @@ def judge(ctx: Context, rows: list[dict]) -> StageResult:
     decide = [ChatRequest([*m, {"role": "assistant", "content": e.text}, {"role": "user", "content": p.spec["decision"]}],
                           4, jc.temperature, seed=s, extra=VERDICT_CHOICE) for m, e, s in zip(convs, expl, seeds)]  # fmt: skip
     kept, rejected = [], []
+    by_task: dict[str, dict] = defaultdict(lambda: dict.fromkeys(("judged", "stage2_no", "stage2_dropped",
+                                                                  "request_errors"), 0))  # fmt: skip
     for r, e, d in zip(rows, expl, client.chat_many(decide)):
+        t = by_task[r["task_type"]]
         if e.error or d.error:
+            t["request_errors"] += 1
             rejected.append(reject(r, "judge", "judge_request_rejected", e.error or d.error))
             continue
         dec = d.text.strip().upper()
         if dec not in ("YES", "NO"):  # a server without structured outputs: fail loudly, never guess
             raise RuntimeError(f"judge returned {d.text!r}; the server must support structured outputs (choice)")
         out = {**r, "judge_decision": dec, "judge_explanation": e.text.strip()}
+        t["judged"] += 1
+        t["stage2_no"] += dec == "NO"
         if dec == "YES":
             kept.append(out)
         elif jc.mode == "report":
             kept.append({**out, "filter_flags": [*r["filter_flags"], "judge_rejected"]})
         else:
+            t["stage2_dropped"] += 1
             rejected.append(reject(out, "judge", "judge_rejected", e.text.strip()))
-    return StageResult(kept, rejected, {"requests_sent": client.sent})
+    stats = {"requests_sent": client.sent, "by_task": task_stats({k: dict(v) for k, v in by_task.items()})}
+    return StageResult(kept, rejected, stats)

@@ -1,23 +1,30 @@
-"""Recaption with the teacher VLM, then the stage-1 rules."""
+"""Recaption with the teacher VLM, then the stage-1 rules; teacher metrics per task type."""
 
 from __future__ import annotations
 
-from babelsynth.filters import Candidate, check_recaption, extract_tag
+from collections import defaultdict
+
+from babelsynth.filters import Candidate, check_recaption, extract_tag, task_stats, words
+from babelsynth.metrics import mtld
 from babelsynth.prompts import load_prompt
 from babelsynth.stages.base import Context, StageResult, reject
 from babelsynth.stages.base import stable_seed
 
-
 READS = ("source_id", "task_type", "question", "answer_gt", "image_ids")
 WRITES = ("answer_en", "recaption_prompt_id", "recaption_prompt_sha", "teacher_model", "filter_flags",
                     "recaption_attempts")  # fmt: skip
+COUNTERS = ("records", "stage1_flagged", "stage1_dropped", "regenerated", "request_errors", "measured",
+            "words_before", "words_after", "tokens_measured", "tokens_before", "tokens_after",
+            "mtld_before_sum", "mtld_before_n", "mtld_after_sum", "mtld_after_n")  # fmt: skip
 
 
 def recaption(ctx: Context, rows: list[dict]) -> StageResult:
     """Teacher VLM rewrites the answer anchored on the ground truth; stage-1 rules with regeneration.
 
-    Drop reasons (enforce mode, after max_regenerations): truncated, missing_answer_tag, empty_output,
-    refusal, prompt_echo, gt_contradiction.
+    A flagged output is regenerated under a new seed up to max_regenerations times. Drop reasons (enforce
+    mode, after the last attempt): truncated, missing_answer_tag, empty_output, refusal, prompt_echo,
+    gt_contradiction, repetition_loop; teacher_request_rejected when the server refuses the request.
+    Stats: requests_sent, regenerated, and by_task (words, tokens, MTLD before/after; stage-1 rates).
     """
     from babelsynth.backends.chat_http import ChatRequest, user_with_images
 
@@ -28,6 +35,9 @@ def recaption(ctx: Context, rows: list[dict]) -> StageResult:
     done: dict[int, dict] = {}
     rejected = []
     flags_hist: dict[int, list[list[str]]] = {}
+    by_task: dict[str, dict] = defaultdict(lambda: dict.fromkeys(COUNTERS, 0))
+    for r in rows:
+        by_task[r["task_type"]]["records"] += 1
     for attempt in range(rules.max_regenerations + 1):
         if not pending:
             break
@@ -44,7 +54,9 @@ def recaption(ctx: Context, rows: list[dict]) -> StageResult:
         retry = []
         for i, res in zip(pending, results):
             r = rows[i]
+            t = by_task[r["task_type"]]
             if res.error:
+                t["request_errors"] += 1
                 rejected.append(reject(r, "recaption", "teacher_request_rejected", res.error))
                 continue
             text = extract_tag(res.text, "answer")
@@ -62,7 +74,37 @@ def recaption(ctx: Context, rows: list[dict]) -> StageResult:
                 retry.append(i)
             else:
                 rejected.append(reject(out, "recaption", flags[0], f"flags per attempt: {flags_hist[i]}"))
+                t["stage1_dropped"] += 1
+            if flags and (rules.mode == "report" or attempt == rules.max_regenerations):
+                t["stage1_flagged"] += 1
         pending = retry
+    for i, h in flags_hist.items():
+        by_task[rows[i]["task_type"]]["regenerated"] += len(h) > 1
     kept = [done[i] for i in sorted(done)]
-    return StageResult(kept, rejected, {"requests_sent": teacher.sent, "regenerated": sum(
-        1 for h in flags_hist.values() if len(h) > 1)})  # fmt: skip
+    _measure(teacher, kept, by_task)
+    stats = {"requests_sent": teacher.sent, "tokenize_requests": teacher.tokenize_sent,
+             "regenerated": sum(1 for h in flags_hist.values() if len(h) > 1),
+             "by_task": task_stats({k: dict(v) for k, v in by_task.items()})}  # fmt: skip
+    return StageResult(kept, rejected, stats)
+
+
+def _measure(teacher, kept: list[dict], by_task: dict[str, dict]) -> None:
+    """Words, teacher-tokenizer tokens and MTLD of the ground truth (before) and the recaption (after)."""
+    before = [r["answer_gt"] for r in kept]
+    after = [r["answer_en"] for r in kept]
+    counts = teacher.count_tokens(before + after) if kept else []
+    for j, r in enumerate(kept):
+        t = by_task[r["task_type"]]
+        t["measured"] += 1
+        t["words_before"] += len(words(before[j]))
+        t["words_after"] += len(words(after[j]))
+        tb, ta = counts[j], counts[len(kept) + j]
+        if tb is not None and ta is not None:
+            t["tokens_measured"] += 1
+            t["tokens_before"] += tb
+            t["tokens_after"] += ta
+        for side, text in (("before", before[j]), ("after", after[j])):
+            m, _ = mtld(text, "eng_Latn")
+            if m is not None:
+                t[f"mtld_{side}_sum"] += m
+                t[f"mtld_{side}_n"] += 1
