@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONWARNINGS := ignore
 
-.PHONY: setup demo test test-fast models clean lint
+.PHONY: setup demo test test-fast models clean lint postgres
 
 setup: $(STAMP_MAIN) $(STAMP_VLLM)
 
@@ -37,7 +37,11 @@ models: $(STAMP_MAIN)
 demo: setup
 	$(VENV)/bin/python scripts/demo.py
 
-test: setup
+# The real-scheduler test starts a private PostgreSQL cluster from the Debian package (installed once).
+postgres:
+	@test -d /usr/lib/postgresql || { apt-get update && apt-get install -y --no-install-recommends postgresql; }
+
+test: setup postgres
 	$(VENV)/bin/python -m pytest -q tests
 
 test-fast: $(STAMP_MAIN)

@@ -1,7 +1,10 @@
 """babelsynth_generate: English image-text -> recaption -> judge -> 23-language translation -> rephrase
 -> scores/gates -> sharded Parquet + manifest. Manual runs take params; a nightly schedule regenerates.
 
-Only airflow.sdk and the thin operators module are imported here: parsing stays well under 1 s.
+Every task writes under <output_uri>/<run_id>/ and skips work whose result exists, so a retry or a
+re-triggered run with the same run id redoes nothing. Manual runs have no logical date in Airflow 3:
+nothing here uses it (outputs are keyed by run id; the asset event records run_after).
+Only airflow.sdk and the thin operators package are imported here: parsing stays well under 1 s.
 """
 
 from __future__ import annotations
@@ -12,58 +15,66 @@ from datetime import datetime, timedelta
 from airflow.sdk import Asset, Param, dag, get_current_context, task, task_group
 
 from operators import babelsynth_ops as ops
+from operators.placement import STAGES, load_placement
 
-STAGES = ("ingest", "recaption", "judge", "translate", "rephrase", "score")
 SHARDS_ASSET = Asset(name="babelsynth_shards", uri="file:///babelsynth/shards")
 LANG_CODE = "^[a-z]{3}_[A-Z][a-z]{3}$"
+PLACEMENT = load_placement()  # where each stage runs: $BABELSYNTH_AIRFLOW_CONFIG (configs/airflow.yaml)
+MAX_SHARDS = ops.MAX_MAPPED  # the fan-out bound: at most this many mapped tasks per stage
 
 
-def _run_key() -> str:
-    ctx = get_current_context()
-    return ctx["run_id"]
+def _schedule() -> str | None:
+    """Nightly at 02:00 UTC unless $BABELSYNTH_GENERATE_SCHEDULE says otherwise ("none": manual runs only)."""
+    value = os.environ.get("BABELSYNTH_GENERATE_SCHEDULE", "0 2 * * *").strip()
+    return None if value.lower() in ("none", "off", "") else value
+
+
+def _str(description: str) -> Param:
+    return Param(None, type=["null", "string"], minLength=1, description=description)
 
 
 @dag(
     dag_id="babelsynth_generate",
-    schedule=os.environ.get("BABELSYNTH_GENERATE_SCHEDULE", "0 2 * * *"),
+    schedule=_schedule(),
     start_date=datetime(2026, 1, 1),
     catchup=False,
     max_active_runs=1,
     tags=["babelsynth", "generation"],
-    default_args={"retries": 2, "retry_delay": timedelta(seconds=10), "retry_exponential_backoff": True,
+    default_args={"retries": 3, "retry_delay": timedelta(seconds=10), "retry_exponential_backoff": 2.0,
                   "max_retry_delay": timedelta(minutes=10)},  # fmt: skip
     params={
-        "config_path": Param(None, type=["null", "string"], description="YAML config; default $BABELSYNTH_CONFIG"),
-        "input_uri": Param(None, type=["null", "string"], description="canonical input Parquet (path or s3://)"),
-        "output_uri": Param(None, type=["null", "string"], description="output root (path or s3://)"),
-        "languages": Param(None, type=["null", "array"], items={"type": "string", "pattern": LANG_CODE},
-                           description="FLORES-200 target codes; default: the 23 Aya codes"),
-        "limit": Param(None, type=["null", "integer"], minimum=1, description="use the first N records"),
-        "shard_size": Param(None, type=["null", "integer"], minimum=1, maximum=100000),
-        "max_shards": Param(None, type=["null", "integer"], minimum=1, maximum=256),
-        "teacher_url": Param(None, type=["null", "string"], description="OpenAI-compatible URL of the teacher VLM"),
-        "llm_url": Param(None, type=["null", "string"], description="OpenAI-compatible URL of judge/rephraser"),
+        "config_path": _str("YAML run config; default $BABELSYNTH_CONFIG"),
+        "input_uri": _str("canonical English input Parquet (path or s3://)"),
+        "output_uri": _str("output root (path or s3://); the run writes <output_uri>/<run_id>/"),
+        "languages": Param(None, type=["null", "array"], minItems=1, uniqueItems=True,
+                           items={"type": "string", "pattern": LANG_CODE},
+                           description="FLORES-200 target codes, e.g. deu_Latn; default: the 23 Aya codes"),
+        "limit": Param(None, type=["null", "integer"], minimum=1, description="use the first N input records"),
+        "shard_size": Param(None, type=["null", "integer"], minimum=1, maximum=100000,
+                            description="records per shard (grows if needed to respect max_shards)"),
+        "max_shards": Param(None, type=["null", "integer"], minimum=1, maximum=MAX_SHARDS,
+                            description=f"fan-out bound: at most this many mapped tasks per stage (<= {MAX_SHARDS})"),
+        "teacher_url": _str("OpenAI-compatible /v1 URL of the teacher VLM (vLLM)"),
+        "llm_url": _str("OpenAI-compatible /v1 URL of the judge/rephraser LLM (vLLM)"),
+        "translator_path": _str("CTranslate2 NLLB-200 model dir"),
+        "comet_path": _str("COMET (CometKiwi) checkpoint .ckpt"),
     },  # fmt: skip
     doc_md=__doc__,
 )
 def babelsynth_generate():
     @task
     def plan(params=None) -> list[int]:
-        return ops.plan(params, _run_key())
-
-    @task(pool=os.environ.get("BABELSYNTH_MODEL_POOL", "default_pool"))
-    def stage(name: str, shard: int, params=None) -> dict:
-        return ops.run_stage(name, shard, params, _run_key())
+        return ops.plan(params, get_current_context()["run_id"])
 
     @task
     def write(shard: int, params=None) -> dict:
-        return ops.write(shard, params, _run_key())
+        return ops.write(shard, params, get_current_context()["run_id"])
 
     @task_group(group_id="shard")
     def per_shard(shard: int):
         prev = None
         for name in STAGES:
-            t = stage.override(task_id=name)(name, shard)
+            t = ops.stage_operator(name, shard, PLACEMENT)
             if prev is not None:
                 prev >> t
             prev = t
@@ -71,13 +82,15 @@ def babelsynth_generate():
 
     @task(outlets=[SHARDS_ASSET])
     def commit(params=None) -> dict:
-        out = ops.commit(params, _run_key())
-        get_current_context()["outlet_events"][SHARDS_ASSET].extra = {
-            "manifest_uri": out["manifest_uri"], "run_id": out["run_id"]}  # fmt: skip
+        ctx = get_current_context()
+        out = ops.commit(params, ctx["run_id"])
+        run_after = ctx["dag_run"].run_after
+        ctx["outlet_events"][SHARDS_ASSET].extra = {
+            "manifest_uri": out["manifest_uri"], "run_id": out["run_id"],
+            "run_after": run_after.isoformat() if run_after else None}  # fmt: skip
         return out
 
-    shards = plan()
-    per_shard.expand(shard=shards) >> commit()
+    per_shard.expand(shard=plan()) >> commit()
 
 
 babelsynth_generate()

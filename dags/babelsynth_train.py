@@ -11,6 +11,7 @@ from datetime import datetime, timedelta
 from airflow.sdk import Asset, Param, dag, get_current_context, task
 
 from operators import babelsynth_ops as ops
+from operators.placement import load_placement
 
 SHARDS_ASSET = Asset(name="babelsynth_shards", uri="file:///babelsynth/shards")
 
@@ -22,7 +23,8 @@ SHARDS_ASSET = Asset(name="babelsynth_shards", uri="file:///babelsynth/shards")
     catchup=False,
     max_active_runs=1,
     tags=["babelsynth", "training"],
-    default_args={"retries": 2, "retry_delay": timedelta(seconds=30), "retry_exponential_backoff": True},
+    default_args={"retries": 2, "retry_delay": timedelta(seconds=30), "retry_exponential_backoff": 2.0,
+                  "max_retry_delay": timedelta(minutes=30)},  # fmt: skip
     params={
         "manifest_uri": Param(None, type=["null", "string"], description="run manifest; default: triggering event"),
         "train_config": Param(None, type=["null", "string"], description="training YAML; default $BABELSYNTH_TRAIN_CONFIG"),
@@ -42,7 +44,7 @@ def babelsynth_train():
                     return ev.extra["manifest_uri"]
         raise ValueError("no manifest_uri: trigger with the param or through the babelsynth_shards asset")
 
-    @task(pool=os.environ.get("BABELSYNTH_MODEL_POOL", "default_pool"))
+    @task(pool=load_placement().pool)  # training holds a GPU: the same pool as the model stages
     def train_and_merge(uri: str, params=None) -> dict:
         cfg = params.get("train_config") or os.environ.get("BABELSYNTH_TRAIN_CONFIG", "configs/train_demo.yaml")
         return ops.train(uri, cfg, params.get("out_uri"))

@@ -35,3 +35,27 @@ def test_every_copied_path_exists(path):
 def test_airflow_image_has_no_torch():
     reqs = (ROOT / "requirements" / "airflow.txt").read_text()
     assert "torch" not in reqs and "nvidia" not in reqs and "apache-airflow==" in reqs
+
+
+def test_airflow_image_pins_match_the_tested_freeze():
+    """The control-plane image installs the Airflow versions the test suite runs (requirements/main.lock.txt)."""
+    lock = dict(line.split("==", 1) for line in (ROOT / "requirements" / "main.lock.txt").read_text().splitlines()
+                if "==" in line and not line.startswith("#"))  # fmt: skip
+    for line in (ROOT / "requirements" / "airflow.txt").read_text().splitlines():
+        if "==" in line and not line.startswith("#"):
+            name, version = line.split("==", 1)
+            assert lock.get(name) == version, f"{name}=={version} in airflow.txt, {lock.get(name)} in main.lock.txt"
+
+
+def test_compose_builds_existing_images_and_mounts_existing_configs():
+    import yaml
+
+    compose = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
+    for name, svc in compose["services"].items():
+        if "build" in svc:
+            assert (ROOT / "docker" / svc["build"]["context"] / svc["build"]["dockerfile"]).exists(), name
+        for value in (svc.get("environment") or {}).values():
+            if isinstance(value, str) and value.startswith("/opt/babelsynth/"):
+                assert (ROOT / value.removeprefix("/opt/babelsynth/")).exists(), f"{name}: {value}"
+    init = " ".join(compose["services"]["airflow-init"]["command"])
+    assert "pools set gpu" in init and "--include-deferred" in init  # deferrable pods still hold GPU slots
