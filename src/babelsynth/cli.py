@@ -40,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--out", required=True)
     s.add_argument("--per-task", type=int, default=12)
 
-    for name in ("plan", "run-stage", "write", "commit", "run"):
-        p = sub.add_parser(name)
+    for name in ("plan", "run-stage", "write", "commit", "run", "regate"):
+        p = sub.add_parser(name, help="re-apply (changed) gates to a finished run; no model call" if name == "regate" else None)
         p.add_argument("--config", required=True)
         p.add_argument("--run-id", required=True)
         p.add_argument("--set", action="append", default=[], help="dotted override, e.g. run.limit=8")
@@ -85,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(runner.write_shard(_cfg(args), args.run_id, args.shard)))
     elif args.cmd == "commit":
         print(runner.summary(runner.commit(_cfg(args), args.run_id)))
+    elif args.cmd == "regate":
+        from babelsynth.regate import regate
+
+        print(runner.summary(regate(_cfg(args), args.run_id)))
     elif args.cmd == "run":
         print(runner.summary(runner.run_all(_cfg(args), args.run_id)))
     return 0

@@ -159,6 +159,8 @@ class RephraseSection(_Base):
     seed: int = 0
     selection_margin: float = Field(0.02, ge=0, description="keep rephrase unless its QE is worse by more")
     prompt_version: int = 1
+    keep_structure: bool = Field(True, description="a rephrase that loses a protected span (code, URL, "
+                                 "placeholder) or changes the line structure of the draft keeps the draft")
 
 
 class Gate(_Base):
@@ -166,27 +168,68 @@ class Gate(_Base):
 
 
 class CometGate(Gate):
-    threshold: float | None = Field(None, description="absolute minimum QE score")
-    per_lang: dict[str, float] = Field(default_factory=dict)
+    """Per language, the most specific rule wins: per_lang > per_lang_quantile > quantile > threshold.
+
+    A quantile q drops the lowest q share of the language's QE scores over the whole run; it is resolved
+    at commit (and by `babelsynth regate`) from the scored rows of every shard, never per shard."""
+
+    threshold: float | None = Field(None, description="absolute minimum QE score for every language")
+    per_lang: dict[str, float] = Field(default_factory=dict, description="absolute minimum per language")
+    quantile: float | None = Field(None, ge=0, lt=1, description="run-level per-language quantile as minimum")
+    per_lang_quantile: dict[str, float] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> "CometGate":
+        if self.threshold is not None and self.quantile is not None:
+            raise ValueError("gates.comet: set threshold or quantile, not both")
+        both = set(self.per_lang) & set(self.per_lang_quantile)
+        if both:
+            raise ValueError(f"gates.comet: {sorted(both)} in both per_lang and per_lang_quantile")
+        validate_codes(list(self.per_lang) + list(self.per_lang_quantile))
+        for k, q in self.per_lang_quantile.items():
+            if not 0 <= q < 1:
+                raise ValueError(f"gates.comet.per_lang_quantile[{k}] must be in [0, 1), got {q}")
+        return self
 
 
 class MTLDGate(Gate):
-    min: float = Field(10.0, ge=0)
+    min: float = Field(10.0, ge=0, description="MTLD floor of one document (the row's answer)")
+    per_lang: dict[str, float] = Field(default_factory=dict, description="floor per language")
     min_tokens: int = Field(50, ge=1, description="below this MTLD is not meaningful and is not gated")
 
 
 class LangIDGate(Gate):
     min_conf: float = Field(0.3, ge=0, le=1)
-    min_chars: int = Field(20, ge=0, description="shorter texts are exempt")
+    min_chars: int = Field(20, ge=0, description="shorter texts (code and URLs removed) are exempt")
+
+
+# Typical chars(translation) / chars(English) per language, x0.5 .. x2 (zh ~0.3, ja ~0.45, ko ~0.5).
+_TYPICAL_LENGTH_RATIO = {
+    "arb_Arab": 0.8, "ces_Latn": 0.9, "deu_Latn": 1.1, "ell_Grek": 1.1, "fra_Latn": 1.1, "heb_Hebr": 0.75,
+    "hin_Deva": 1.0, "ind_Latn": 1.05, "ita_Latn": 1.05, "jpn_Jpan": 0.45, "kor_Hang": 0.5, "nld_Latn": 1.05,
+    "pes_Arab": 0.85, "pol_Latn": 1.0, "por_Latn": 1.05, "ron_Latn": 1.05, "rus_Cyrl": 1.0, "spa_Latn": 1.1,
+    "tur_Latn": 0.95, "ukr_Cyrl": 0.95, "vie_Latn": 1.0, "zho_Hans": 0.3, "zho_Hant": 0.3,
+}  # fmt: skip
 
 
 class LengthRatioGate(Gate):
-    min: float = Field(0.3, gt=0)
+    min: float = Field(0.3, gt=0, description="band for languages without a per_lang entry")
     max: float = Field(3.0, gt=0)
+    per_lang: dict[str, tuple[float, float]] = Field(
+        default_factory=lambda: {k: (round(v * 0.5, 3), round(v * 2.0, 3)) for k, v in _TYPICAL_LENGTH_RATIO.items()},
+        description="[min, max] per language; the default covers the 23 targets (replace it whole to change)")
+
+    @model_validator(mode="after")
+    def _bands(self) -> "LengthRatioGate":
+        for k, (lo, hi) in {"*": (self.min, self.max), **self.per_lang}.items():
+            if not 0 < lo < hi:
+                raise ValueError(f"gates.length_ratio band for {k} must have 0 < min < max, got [{lo}, {hi}]")
+        validate_codes(list(self.per_lang))
+        return self
 
 
 class RepetitionGate(Gate):
-    max: float = Field(0.5, ge=0, le=1)
+    max: float = Field(0.5, ge=0, le=1, description="maximum repetition-loop score (metrics.repetition)")
 
 
 class GatesSection(_Base):

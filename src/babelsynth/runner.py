@@ -231,6 +231,9 @@ def commit(cfg: RunConfig, run_id: str, shards: list[int] | None = None) -> dict
         return json.loads(storage.read_bytes(man_uri))
     plan_doc = _plan_doc(root)
     shards = plan_doc["shards"] if shards is None else shards
+    from babelsynth.regate import run_gates  # run-level gates (COMET quantiles) + per-language summary; no model
+
+    gating = run_gates(cfg, run_id, shards)
     files: list[dict] = []
     stage_totals: dict[str, dict] = {}
     for shard in shards:
@@ -274,6 +277,7 @@ def commit(cfg: RunConfig, run_id: str, shards: list[int] | None = None) -> dict
         "rejected_total": sum(f["rows"] for f in files if f["table"] == "rejected"),
         "images": len(seen), "files": files,
     }  # fmt: skip
+    manifest.update(gates=gating["gates"], languages=gating["languages"])
     manifest["reconciliation"] = reconcile(manifest)
     if not manifest["reconciliation"]["ok"]:
         raise RuntimeError(f"counts do not reconcile: {manifest['reconciliation']['errors']}")
@@ -353,6 +357,9 @@ def summary(manifest: dict) -> str:
     for lang in sorted(tr):
         rej = sum(manifest["stages"][n]["by_lang"].get(lang, {}).get("rejected", 0) for n in ("translate", "rephrase", "score"))
         lines.append(f"{lang:<10}{tr[lang]['in']:>9}{sc.get(lang, {}).get('out', 0):>7}{rej:>10}")
+    from babelsynth.regate import format_language_summary
+
+    lines += format_language_summary(manifest.get("languages", {}))
     lines.append(f"\nimages: {manifest['images']}, rejected rows: {manifest['rejected_total']}, "
                  f"reconciled: {manifest['reconciliation']['ok']}")  # fmt: skip
     return "\n".join(lines)
