@@ -216,6 +216,25 @@ def test_report_mode_keeps_and_flags_enforce_mode_drops(cfg):
     assert not rejected and kept[0]["gate_flags"] == ["gate_langid"]
 
 
+def test_language_summary_has_the_papers_shape_and_gate_pass_rates(cfg):
+    from babelsynth.regate import LanguageSummary
+
+    rows = [{"lang": "fra_Latn", "source_id": str(i), "comet_draft": d, "comet_rephrase": r, "comet_final": max(d, r),
+             "selected": "rephrase" if r >= d else "draft", "mtld": 40.0 + i, "mtld_tokens": 60 if i else 10,
+             "length_ratio": 1.0, "repetition": 0.0 if i < 3 else 0.9}
+            for i, (d, r) in enumerate([(0.5, 0.7), (0.6, 0.8), (0.7, 0.6), (0.4, 0.9)])]  # fmt: skip
+    kept, rejected = apply_gates(rows, cfg, {"fra_Latn": 0.75})  # finals 0.7 0.8 0.7 0.9; the last one loops
+    s = LanguageSummary(cfg, {"fra_Latn": 0.75})
+    s.add(kept, rejected)
+    out = s.result()["fra_Latn"]
+    assert out["rows"] == 4 and out["kept"] == 1 and [r["source_id"] for r in kept] == ["1"]
+    assert out["comet_draft"] == pytest.approx(0.55) and out["comet_rephrase"] == pytest.approx(0.75)
+    assert out["comet_final"] == pytest.approx((0.7 + 0.8 + 0.7 + 0.9) / 4) and out["rephrase_selected"] == 0.75
+    assert out["pass_rate"]["comet"] == 0.5 and out["pass_rate"]["repetition"] == 0.75 and out["comet_min"] == 0.75
+    assert out["pass_rate"]["langid"] is None and out["gate_rows"]["mtld"] == 3  # one doc too short for MTLD
+    assert out["mtld"] == pytest.approx(42.0)
+
+
 # ------------------------------------------------------------------------------------------------ regate
 _MODEL_MODULES = ("torch", "comet", "ctranslate2", "transformers", "lingua", "lexicalrichness", "icu4py", "httpx")
 

@@ -21,7 +21,6 @@ import json
 import logging
 import time
 from collections import Counter, defaultdict
-from statistics import fmean
 
 from babelsynth import storage
 from babelsynth.config import RunConfig
@@ -73,27 +72,27 @@ def gates_fingerprint(cfg: RunConfig, thresholds: dict[str, float | None]) -> st
 
 def run_gates(cfg: RunConfig, run_id: str, shards: list[int]) -> dict:
     """Resolve run-level thresholds, re-gate every shard whose outcome changes, return the gate report and
-    the per-language summary for the manifest. Pure file I/O: no model call."""
+    the per-language summary for the manifest. Pure file I/O, no model call; memory is one shard's rows plus
+    one float per scored row (the distribution a quantile needs)."""
     from babelsynth import runner
 
     root = runner.run_root(cfg, run_id)
     uris = {s: runner._stage_uri(root, "score", s) for s in shards}
-    docs = {s: runner._load(u) for s, u in uris.items()}
-    pools = {s: scored_pool(d) for s, d in docs.items()}
     run_scores: dict[str, list[float]] = defaultdict(list)
     langs: set[str] = set()
-    for pool in pools.values():
-        for r in pool:
+    for u in uris.values():  # pass 1: the run's QE distribution per language
+        for r in scored_pool(runner._load(u)):
             langs.add(r["lang"])
             if r["lang"] != SOURCE_LANG and r.get("comet_final") is not None:
                 run_scores[r["lang"]].append(r["comet_final"])
     thresholds = comet_thresholds(cfg, sorted(langs), dict(run_scores))
     fp = gates_fingerprint(cfg, thresholds)
+    summary = LanguageSummary(cfg, thresholds)
     changed = []
-    gated: list[dict] = []
-    for s, d in docs.items():
-        kept, rejected = apply_gates(pools[s], cfg, thresholds)
-        gated += kept + [json.loads(r["record"]) | {"_rejected": r["reason"]} for r in rejected]
+    for s, uri in uris.items():  # pass 2: gate shard by shard
+        d = runner._load(uri)
+        kept, rejected = apply_gates(scored_pool(d), cfg, thresholds)
+        summary.add(kept, rejected)
         if d.get("gates_fingerprint") == fp:
             continue
         other = [r for r in d["rejected"] if r["reason"] not in GATE_REASONS]
@@ -109,47 +108,62 @@ def run_gates(cfg: RunConfig, run_id: str, shards: list[int]) -> dict:
         all_rej = other + rejected
         new = {**d, "rows": kept, "rejected": all_rej, "stats": _restat(d["stats"], kept, all_rej),
                "gates_fingerprint": fp}  # fmt: skip
-        storage.write_bytes(uris[s], runner._dump(new))
+        storage.write_bytes(uri, runner._dump(new))
     if changed:
         log.info("gates changed the outcome of shard(s) %s", changed)
     report = {"fingerprint": fp, "comet_min": {k: v for k, v in sorted(thresholds.items()) if v is not None},
               "comet_rules": {lg: comet_rule(cfg, lg) for lg in sorted(langs) if comet_rule(cfg, lg) and lg != SOURCE_LANG},
               "shards_regated": changed}  # fmt: skip
-    return {"gates": report, "languages": language_summary(gated, cfg, thresholds)}
+    return {"gates": report, "languages": summary.result()}
 
 
-def language_summary(rows: list[dict], cfg: RunConfig, thresholds: dict[str, float | None]) -> dict:
-    """Per language (the paper's table shape, plus the gates): scored rows, kept, mean COMET of the draft,
-    the rephrase and the final choice, the share that chose the rephrase, pass rate per gate (over the rows
-    the gate applies to), mean per-document MTLD. Rows dropped by a gate carry `_rejected`."""
-    by: dict[str, list[dict]] = defaultdict(list)
-    for r in rows:
-        by[r["lang"]].append(r)
+class LanguageSummary:
+    """Per language (the paper's table shape, plus the gates), accumulated shard by shard: scored rows,
+    kept, mean COMET of the draft, the rephrase and the final choice, the share that chose the rephrase,
+    pass rate per gate (over the rows the gate applies to), mean per-document MTLD."""
 
-    def mean(vals) -> float | None:
-        vals = [v for v in vals if v is not None]
-        return round(fmean(vals), 4) if vals else None
+    _MEANS = ("comet_draft", "comet_rephrase", "comet_final", "mtld")
 
-    out = {}
-    for lang in sorted(by):
-        rs = by[lang]
-        res = [gate_results(r, cfg, thresholds.get(lang)) for r in rs]
-        rates, applies = {}, {}
-        for g in GATES:
-            vals = [x[g] for x in res if x[g] is not None]
-            applies[g] = len(vals)
-            rates[g] = round(sum(vals) / len(vals), 4) if vals else None
-        out[lang] = {
-            "rows": len(rs), "kept": sum("_rejected" not in r for r in rs),
-            "comet_draft": mean(r.get("comet_draft") for r in rs),
-            "comet_rephrase": mean(r.get("comet_rephrase") for r in rs),
-            "comet_final": mean(r.get("comet_final") for r in rs),
-            "rephrase_selected": round(sum(r.get("selected") == "rephrase" for r in rs) / len(rs), 4),
-            "comet_min": thresholds.get(lang),
-            "pass_rate": rates, "gate_rows": applies,
-            "mtld": mean(r.get("mtld") for r in rs if (r.get("mtld_tokens") or 0) >= cfg.gates.mtld.min_tokens),
-        }  # fmt: skip
-    return out
+    def __init__(self, cfg: RunConfig, thresholds: dict[str, float | None]):
+        self.cfg, self.thresholds = cfg, thresholds
+        self.acc: dict[str, Counter] = defaultdict(Counter)
+
+    def _row(self, r: dict, kept: bool) -> None:
+        a = self.acc[r["lang"]]
+        a["rows"] += 1
+        a["kept"] += kept
+        a["rephrase"] += r.get("selected") == "rephrase"
+        vals = {k: r.get(k) for k in self._MEANS}
+        if (r.get("mtld_tokens") or 0) < self.cfg.gates.mtld.min_tokens:
+            vals["mtld"] = None  # not a document MTLD can describe
+        for k, v in vals.items():
+            if v is not None:
+                a[f"sum_{k}"] += v
+                a[f"n_{k}"] += 1
+        for g, ok in gate_results(r, self.cfg, self.thresholds.get(r["lang"])).items():
+            if ok is not None:
+                a[f"applies_{g}"] += 1
+                a[f"pass_{g}"] += ok
+
+    def add(self, kept: list[dict], rejected: list[dict]) -> None:
+        for r in kept:
+            self._row(r, True)
+        for r in rejected:
+            self._row(json.loads(r["record"]), False)
+
+    def result(self) -> dict:
+        out = {}
+        for lang in sorted(self.acc):
+            a = self.acc[lang]
+            mean = {k: round(a[f"sum_{k}"] / a[f"n_{k}"], 4) if a[f"n_{k}"] else None for k in self._MEANS}
+            out[lang] = {
+                "rows": a["rows"], "kept": a["kept"], "comet_draft": mean["comet_draft"],
+                "comet_rephrase": mean["comet_rephrase"], "comet_final": mean["comet_final"],
+                "rephrase_selected": round(a["rephrase"] / a["rows"], 4), "comet_min": self.thresholds.get(lang),
+                "pass_rate": {g: round(a[f"pass_{g}"] / a[f"applies_{g}"], 4) if a[f"applies_{g}"] else None for g in GATES},
+                "gate_rows": {g: a[f"applies_{g}"] for g in GATES}, "mtld": mean["mtld"],
+            }  # fmt: skip
+        return out
 
 
 def format_language_summary(languages: dict) -> list[str]:
