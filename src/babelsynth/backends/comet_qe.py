@@ -128,9 +128,23 @@ class CometScorer:
         self.calls = 0  # predict calls that reached the model
         self.segments_scored = 0  # chunks sent to the model
         self.split_pairs = 0  # pairs longer than the window, scored by segments
+        self.tokens_scored = 0  # encoder input tokens of the chunks sent (special tokens aside)
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _counter(self, texts: list[str]) -> Callable[[str], int]:
+        """Token counts, the given texts tokenized in one batch, anything else once on demand."""
+        uniq = list(dict.fromkeys(texts))
+        ids = self.tokenizer(uniq, add_special_tokens=False)["input_ids"] if uniq else []
+        memo = {t: len(x) for t, x in zip(uniq, ids)}
+
+        def count(text: str) -> int:
+            if text not in memo:
+                memo[text] = self.count_tokens(text)
+            return memo[text]
+
+        return count
 
     def score(self, pairs: list[tuple[str, str]]) -> list[float]:
         """QE score per (source, translation) pair, in input order."""
@@ -138,10 +152,11 @@ class CometScorer:
         hits = self.cache.get_many(keys) if self.cache else {}
         todo = sorted({k: i for i, k in enumerate(keys) if k not in hits}.values())
         if todo:
-            plans = {i: plan_chunks(pairs[i][0], pairs[i][1], self.count_tokens, self.budget) for i in todo}
+            count = self._counter([t for i in todo for t in pairs[i]])
+            plans = {i: plan_chunks(pairs[i][0], pairs[i][1], count, self.budget) for i in todo}
             self.split_pairs += sum(len(p) > 1 for p in plans.values())
-            uniq = sorted({(c.src, c.mt) for p in plans.values() for c in p},
-                          key=lambda sm: self.count_tokens(sm[0]) + self.count_tokens(sm[1]))  # fmt: skip
+            uniq = sorted({(c.src, c.mt) for p in plans.values() for c in p}, key=lambda sm: count(sm[0]) + count(sm[1]))
+            self.tokens_scored += sum(count(s) + count(m) for s, m in uniq)
             chunk_score = dict(zip(uniq, self._predict(uniq)))
             fresh = {}
             for i, plan in plans.items():
