@@ -79,13 +79,12 @@ DOC = {lang: _join(lang, _corpus(lang)) for lang in (*AYA_TARGETS, SOURCE_LANG)}
 
 @pytest.fixture(scope="module")
 def cfg():
-    import os
-
-    os.environ.setdefault("BABELSYNTH_WORK", "/tmp/w")
-    os.environ.setdefault("BABELSYNTH_MODELS", "/tmp/m")
     over = {f"gates.{g}.mode": "enforce" for g in ("comet", "mtld", "langid", "length_ratio", "repetition")}
     over |= {"gates.mtld.min": 20, "gates.repetition.max": 0.4}  # as configs/production.yaml
-    return load_config("configs/demo.yaml", over)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BABELSYNTH_WORK", "/tmp/w")
+        mp.setenv("BABELSYNTH_MODELS", "/tmp/m")
+        return load_config("configs/demo.yaml", over)
 
 
 def scored(text: str, lang: str, source: str) -> dict:

@@ -116,17 +116,16 @@ def test_scores_are_cached_by_content(scorer, tmp_path):
 
 
 @pytest.mark.slow
-def test_selection_keeps_rephrase_unless_worse_by_more_than_margin(models, scorer, tmp_path):
+def test_selection_keeps_rephrase_unless_worse_by_more_than_margin(models, scorer, tmp_path, monkeypatch):
     from babelsynth.cache import Cache
     from babelsynth.config import load_config
     from babelsynth.stages.base import Context
     from babelsynth.stages.score import score
 
     import json
-    import os
 
-    os.environ.setdefault("BABELSYNTH_WORK", str(tmp_path))
-    os.environ.setdefault("BABELSYNTH_MODELS", str(tmp_path))
+    monkeypatch.setenv("BABELSYNTH_WORK", str(tmp_path))
+    monkeypatch.setenv("BABELSYNTH_MODELS", str(tmp_path))
     en, fr, es = _lines("eng_Latn"), _lines("fra_Latn"), _lines("spa_Latn")
     rows = []
     for i in range(6):
