@@ -71,14 +71,17 @@ class CT2NLLBBackend(_Base):
     kind: Literal["ct2_nllb"] = "ct2_nllb"
     path: str = Field(description="CTranslate2 NLLB dir holding sentencepiece.bpe.model")
     model_id: str | None = Field(None, description="id recorded in outputs and cache keys; defaults to the dir name")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    compute_type: str | None = Field(None, description="default: int8_float16 on CUDA, int8 on CPU")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when a GPU is visible, else CPU")
+    compute_type: Literal[
+        "default", "auto", "int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16", "float16", "bfloat16",
+        "float32",
+    ] | None = Field(None, description="default: int8_float16 on CUDA, int8 on CPU")  # fmt: skip
     beam_size: int = Field(4, ge=1, le=16)
-    max_batch_tokens: int = Field(4096, ge=64)
-    max_input_tokens: int = Field(200, ge=8, le=1024)
-    max_decoding_length: int = Field(256, ge=8)
+    max_batch_tokens: int = Field(4096, ge=64, description="translate_batch max_batch_size with batch_type=tokens")
+    max_input_tokens: int = Field(200, ge=8, le=1024, description="longer segments are split, never truncated")
+    max_decoding_length: int = Field(256, ge=8, description="an output reaching it is flagged as truncated")
     inter_threads: int = Field(1, ge=1)
-    intra_threads: int = Field(1, ge=0)
+    intra_threads: int = Field(1, ge=0, description="1 per engine is fastest on a small CPU box")
 
 
 class CometBackend(_Base):
@@ -149,7 +152,9 @@ class FilterSection(_Base):
 
 
 class TranslateSection(_Base):
-    truncation: Mode = Field("enforce", description="an output that hits the decoding limit is dropped (enforce) or flagged")
+    truncation: Mode = Field(
+        "enforce", description="an output with a segment that hit the decoding limit or came back empty is dropped"
+        " (enforce) or flagged (report)")  # fmt: skip
 
 
 class RephraseSection(_Base):

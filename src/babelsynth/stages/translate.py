@@ -6,12 +6,11 @@ from collections import Counter
 
 from babelsynth.config import RunConfig
 from babelsynth.languages import SOURCE_LANG
-from babelsynth.stages.base import Context, StageResult, reject
-from babelsynth.stages.base import stable_seed
+from babelsynth.stages.base import Context, StageResult, reject, stable_seed
 
 
-READS = ("source_id", "question", "answer_en")
-WRITES = ("lang", "prompt_en", "draft_prompt", "draft_answer", "translator_model")
+READS = ("source_id", "question", "answer_en", "filter_flags")
+WRITES = ("lang", "prompt_en", "draft_prompt", "draft_answer", "translator_model", "filter_flags")
 
 
 def languages_for(cfg: RunConfig, source_id: str) -> list[str]:
@@ -25,33 +24,39 @@ def languages_for(cfg: RunConfig, source_id: str) -> list[str]:
 
 
 def translate(ctx: Context, rows: list[dict]) -> StageResult:
-    """NLLB drafts of prompt and answer, translated separately; the English row passes through.
+    """NLLB drafts of prompt and answer, translated separately (they keep their roles); English passes through.
 
-    Drop reasons: translation_truncated (enforce mode)."""
-    by_lang: dict[str, list[dict]] = {}
+    All languages of the shard go to the engine in one token-batched call. Drop reasons (enforce mode):
+    translation_empty (a segment came back empty: content lost), translation_truncated (a segment hit
+    max_decoding_length). In report mode both are added to filter_flags instead."""
+    jobs: list[tuple[dict, str]] = []
     out, rejected = [], []
     for r in rows:
         out.append({**r, "lang": SOURCE_LANG, "prompt_en": r["question"], "draft_prompt": None,
                     "draft_answer": None, "translator_model": None})  # fmt: skip
-        for lang in languages_for(ctx.cfg, r["source_id"]):
-            by_lang.setdefault(lang, []).append(r)
-    if by_lang:
+        jobs += [(r, lang) for lang in languages_for(ctx.cfg, r["source_id"])]
+    extra: dict = {}
+    if jobs:
         tr = ctx.translator()
-        for lang, group in by_lang.items():
-            texts = [t for r in group for t in (r["question"], r["answer_en"])]
-            res = tr.translate(texts, lang)
-            for k, r in enumerate(group):
-                p, a = res[2 * k], res[2 * k + 1]
-                row = {**r, "lang": lang, "prompt_en": r["question"], "draft_prompt": p.text, "draft_answer": a.text,
-                       "translator_model": tr.model_id}  # fmt: skip
-                if p.truncated or a.truncated:
-                    if ctx.cfg.translate.truncation == "enforce":
-                        rejected.append(reject(row, "translate", "translation_truncated", "hit max_decoding_length"))
-                        continue
-                    row["filter_flags"] = [*r["filter_flags"], "translation_truncated"]
-                out.append(row)
-        extra = {"engine_calls": tr.engine_calls, "segments_translated": tr.segments_translated}
-    else:
-        extra = {}
+        before = Counter(tr.stats)
+        res = tr.translate_many([(t, lang) for r, lang in jobs for t in (r["question"], r["answer_en"])])
+        for k, (r, lang) in enumerate(jobs):
+            p, a = res[2 * k], res[2 * k + 1]
+            row = {**r, "lang": lang, "prompt_en": r["question"], "draft_prompt": p.text, "draft_answer": a.text,
+                   "translator_model": tr.model_id}  # fmt: skip
+            problems = []
+            if p.empty or a.empty:
+                problems.append(("translation_empty", f"{p.empty + a.empty} segment(s) came back empty"))
+            if p.truncated or a.truncated:
+                problems.append(("translation_truncated", "a segment hit max_decoding_length"))
+            if problems and ctx.cfg.translate.truncation == "enforce":
+                rejected.append(reject(row, "translate", problems[0][0], problems[0][1]))
+                continue
+            if problems:
+                row["filter_flags"] = [*r["filter_flags"], *(code for code, _ in problems)]
+            out.append(row)
+        delta = Counter(tr.stats)
+        delta.subtract(before)
+        extra = {k: delta[k] for k in ("engine_calls", "segments_translated", "chunks", "cache_hits")}
     assigned = Counter(r["lang"] for r in out) + Counter(r["lang"] for r in rejected)
     return StageResult(out, rejected, {**extra, "assigned": dict(assigned)})
