@@ -145,7 +145,11 @@ def test_images_are_resized_to_the_configured_maximum():
     buf = io.BytesIO()
     Image.new("RGB", (800, 400), (10, 200, 30)).save(buf, format="JPEG")
     assert size_of(image_data_url(buf.getvalue(), 224)) == (224, 112)  # aspect kept
-    assert size_of(image_data_url(buf.getvalue(), 1024)) == (800, 400)  # never upscaled
+    small = image_data_url(buf.getvalue(), 1024)  # within the bound: the original bytes, never re-encoded
+    assert small == "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+    gif = io.BytesIO()
+    Image.new("RGB", (100, 50)).save(gif, format="GIF")  # a format not every server takes: re-encoded
+    assert image_data_url(gif.getvalue(), 1024).startswith("data:image/png;base64,")
 
 
 def test_unreachable_server_fails_with_the_url_after_bounded_retries():

@@ -85,11 +85,19 @@ def tokenize_key(model: str, text: str) -> str:
     return cache_key(kind="tokenize", model=model, text=text)
 
 
+_MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+
+
 def image_data_url(data: bytes, max_side: int) -> str:
-    """PNG data URL, downscaled so the longer side is at most max_side (keeps request size bounded)."""
+    """Data URL of an image whose longer side is at most max_side (keeps request size bounded).
+
+    An image already within the bound in a format every server decodes is sent as is (no re-encode, no
+    quality loss); a larger one is downscaled (aspect kept) and sent as PNG."""
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as im:
+        if max(im.size) <= max_side and im.format in _MIME:
+            return f"data:{_MIME[im.format]};base64," + base64.b64encode(data).decode()
         im = im.convert("RGB")
         if max(im.size) > max_side:
             im.thumbnail((max_side, max_side))
@@ -99,7 +107,12 @@ def image_data_url(data: bytes, max_side: int) -> str:
 
 
 def user_with_images(text: str, images: list[bytes], max_side: int) -> dict:
-    parts: list[dict] = [{"type": "image_url", "image_url": {"url": image_data_url(b, max_side)}} for b in images]
+    return user_with_image_urls(text, [image_data_url(b, max_side) for b in images])
+
+
+def user_with_image_urls(text: str, urls: list[str]) -> dict:
+    """OpenAI user turn: the images first, then the text."""
+    parts: list[dict] = [{"type": "image_url", "image_url": {"url": u}} for u in urls]
     parts.append({"type": "text", "text": text})
     return {"role": "user", "content": parts}
 
@@ -155,7 +168,6 @@ class ChatClient:
         self.completed = 0
         self.tokenize_sent = 0
         self._tokenize_ok = True
-        self._abort = asyncio.Event()
 
     def __repr__(self) -> str:
         return f"ChatClient(url={self.cfg.base_url!r}, model={self.cfg.model!r})"
@@ -195,20 +207,20 @@ class ChatClient:
         """All requests under the semaphore. After a BackendError no new request starts, but those in flight
         finish and their answers are cached before the error is raised: a rerun repeats none of them."""
         sem = asyncio.Semaphore(self.cfg.max_concurrency)
-        self._abort = asyncio.Event()
+        abort = asyncio.Event()  # per call: concurrent calls (threads) never stop each other
         first: list[BackendError] = []
         async with self._client() as client:
 
             async def one(req: ChatRequest, key: str) -> ChatResult | None:
                 async with sem:
-                    if self._abort.is_set():
+                    if abort.is_set():
                         return None
                     try:
-                        res = await self._chat(client, req)
+                        res = await self._chat(client, req, abort)
                     except BackendError as e:
-                        if not self._abort.is_set():
+                        if not abort.is_set():
                             first.append(e)  # the request that gave up first names the cause
-                        self._abort.set()
+                        abort.set()
                         raise
                 if self.cache and res.error is None:
                     self.cache.put(key, res.record())
@@ -221,13 +233,14 @@ class ChatClient:
             raise (first or errors)[0]
         return out  # type: ignore[return-value]
 
-    async def _send(self, client: httpx.AsyncClient, url: str, body: dict, counter: str) -> httpx.Response:
+    async def _send(self, client: httpx.AsyncClient, url: str, body: dict, counter: str,
+                    abort: asyncio.Event | None = None) -> httpx.Response:
         """POST with retries on timeouts, transport errors, 429 and 5xx; BackendError naming the URL after that."""
         last, tries = "", 0
         for attempt in range(self.cfg.max_retries + 1):
             if attempt:
                 await asyncio.sleep(self.cfg.backoff_s * 2 ** (attempt - 1))
-                if self._abort.is_set():  # another request already gave up on this server
+                if abort is not None and abort.is_set():  # another request already gave up on this server
                     break
             try:
                 tries += 1
@@ -250,8 +263,8 @@ class ChatClient:
             f"model server at {url} (model {self.cfg.model!r}) failed after {tries} attempts: {last}"
         )
 
-    async def _chat(self, client: httpx.AsyncClient, req: ChatRequest) -> ChatResult:
-        r = await self._send(client, self.url, req.payload(self.cfg.model), "sent")
+    async def _chat(self, client: httpx.AsyncClient, req: ChatRequest, abort: asyncio.Event) -> ChatResult:
+        r = await self._send(client, self.url, req.payload(self.cfg.model), "sent", abort)
         if r.status_code >= 400:  # deterministic refusal of this one request: the row decides, not the run
             return ChatResult("", None, 0, 0, error=f"HTTP {r.status_code}: {r.text[:300]}")
         data = r.json()
@@ -280,7 +293,6 @@ class ChatClient:
         root = self.cfg.base_url.rstrip("/").removesuffix("/v1")
         url = f"{root}/tokenize"
         sem = asyncio.Semaphore(self.cfg.max_concurrency)
-        self._abort = asyncio.Event()
         out: dict[str, dict] = {}
         async with self._client() as client:
 

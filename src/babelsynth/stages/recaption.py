@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from babelsynth.filters import Candidate, check_recaption, extract_tag, task_stats, words
 from babelsynth.metrics import mtld
@@ -26,11 +27,23 @@ def recaption(ctx: Context, rows: list[dict]) -> StageResult:
     gt_contradiction, repetition_loop; teacher_request_rejected when the server refuses the request.
     Stats: requests_sent, regenerated, and by_task (words, tokens, MTLD before/after; stage-1 rates).
     """
-    from babelsynth.backends.chat_http import ChatRequest, user_with_images
+    with ThreadPoolExecutor(1) as pool:  # the ground truths' token counts (metrics) overlap the generation
+        teacher = ctx.chat("teacher")
+        gt_tokens = pool.submit(teacher.count_tokens, sorted({r["answer_gt"] for r in rows}))
+        return _recaption(ctx, rows, teacher, gt_tokens)
+
+
+def _recaption(ctx: Context, rows: list[dict], teacher, gt_tokens: Future) -> StageResult:
+    from babelsynth.backends.chat_http import ChatRequest, image_data_url, user_with_image_urls
 
     rc, rules = ctx.cfg.recaption, ctx.cfg.filter.rules
-    teacher = ctx.chat("teacher")
     images = ctx.images()
+    urls: dict[str, str] = {}  # each image encoded once, reused by regenerations
+
+    def url(iid: str) -> str:
+        if iid not in urls:
+            urls[iid] = image_data_url(images[iid], teacher.cfg.image_max_side)
+        return urls[iid]
     pending = list(range(len(rows)))
     done: dict[int, dict] = {}
     rejected = []
@@ -46,8 +59,7 @@ def recaption(ctx: Context, rows: list[dict]) -> StageResult:
             r = rows[i]
             p = load_prompt("recaption", r["task_type"], rc.prompt_version)
             msgs = p.render(question=r["question"], answer=r["answer_gt"])
-            imgs = [images[iid] for iid in r["image_ids"]]
-            msgs[1] = user_with_images(msgs[1]["content"], imgs, teacher.cfg.image_max_side)
+            msgs[1] = user_with_image_urls(msgs[1]["content"], [url(iid) for iid in r["image_ids"]])
             reqs.append(ChatRequest(msgs, rc.max_tokens, rc.temperature, rc.top_p,
                                     seed=stable_seed(rc.seed, r["source_id"], attempt)))  # fmt: skip
         results = teacher.chat_many(reqs)
@@ -81,29 +93,28 @@ def recaption(ctx: Context, rows: list[dict]) -> StageResult:
     for i, h in flags_hist.items():
         by_task[rows[i]["task_type"]]["regenerated"] += len(h) > 1
     kept = [done[i] for i in sorted(done)]
-    _measure(teacher, kept, by_task)
+    _measure(teacher, kept, by_task, dict(zip(sorted({r["answer_gt"] for r in rows}), gt_tokens.result())))
     stats = {"requests_sent": teacher.sent, "tokenize_requests": teacher.tokenize_sent,
              "regenerated": sum(1 for h in flags_hist.values() if len(h) > 1),
              "by_task": task_stats({k: dict(v) for k, v in by_task.items()})}  # fmt: skip
     return StageResult(kept, rejected, stats)
 
 
-def _measure(teacher, kept: list[dict], by_task: dict[str, dict]) -> None:
+def _measure(teacher, kept: list[dict], by_task: dict[str, dict], gt_tokens: dict[str, int | None]) -> None:
     """Words, teacher-tokenizer tokens and MTLD of the ground truth (before) and the recaption (after)."""
-    before = [r["answer_gt"] for r in kept]
-    after = [r["answer_en"] for r in kept]
-    counts = teacher.count_tokens(before + after) if kept else []
-    for j, r in enumerate(kept):
+    after_tokens = teacher.count_tokens([r["answer_en"] for r in kept]) if kept else []
+    for r, ta in zip(kept, after_tokens):
         t = by_task[r["task_type"]]
+        before, after = r["answer_gt"], r["answer_en"]
         t["measured"] += 1
-        t["words_before"] += len(words(before[j]))
-        t["words_after"] += len(words(after[j]))
-        tb, ta = counts[j], counts[len(kept) + j]
+        t["words_before"] += len(words(before))
+        t["words_after"] += len(words(after))
+        tb = gt_tokens.get(before)
         if tb is not None and ta is not None:
             t["tokens_measured"] += 1
             t["tokens_before"] += tb
             t["tokens_after"] += ta
-        for side, text in (("before", before[j]), ("after", after[j])):
+        for side, text in (("before", before), ("after", after)):
             m, _ = mtld(text, "eng_Latn")
             if m is not None:
                 t[f"mtld_{side}_sum"] += m
