@@ -176,8 +176,10 @@ class NLLBTranslator:
     def _engine_call(self, todo: list[tuple[str, str]]) -> dict[tuple[str, str], SegmentResult]:
         limit = self.cfg.max_input_tokens - 2  # room for the source code and </s>
         jobs: list[tuple[tuple[str, str], int, list[str]]] = []
-        for p, pieces in zip(todo, self.sp.encode([p[0] for p in todo], out_type=str), strict=True):  # one call
-            for i, toks in enumerate(chunk_tokens(pieces, limit)):
+        texts = sorted({seg for seg, _ in todo})  # a segment wanted in several targets is encoded once
+        chunks = dict(zip(texts, (chunk_tokens(x, limit) for x in self.sp.encode(texts, out_type=str)), strict=True))
+        for p in todo:
+            for i, toks in enumerate(chunks[p[0]]):
                 jobs.append((p, i, toks))
         jobs.sort(key=lambda j: len(j[2]))  # length-sorted: less padding per batch
         src = [[SOURCE_LANG, *toks, EOS] for _, _, toks in jobs]
@@ -207,7 +209,8 @@ class NLLBTranslator:
 
     def translate_many(self, jobs: list[tuple[str, str]]) -> list[Translation]:
         """(text, target) pairs -> one Translation each; all targets share one engine call."""
-        splits = [split(text) for text, _ in jobs]
+        by_text = {text: split(text) for text in {text for text, _ in jobs}}  # each text split once for all targets
+        splits = [by_text[text] for text, _ in jobs]
         pairs = [(p.text, tgt) for (_, tgt), pieces in zip(jobs, splits) for p in pieces if p.translate]
         table = self.translate_segments(pairs) if pairs else {}
         out = []
