@@ -57,14 +57,6 @@ def _restat(stats: dict, kept: list[dict], rejected: list[dict]) -> dict:
             "reasons": dict(Counter(r["reason"] for r in rejected))}  # fmt: skip
 
 
-def _delete(uri: str) -> None:
-    if storage._is_s3(uri):
-        bucket, key = storage._split_s3(uri)
-        storage._s3_client().delete_object(Bucket=bucket, Key=key)
-    else:
-        storage._local(uri).unlink(missing_ok=True)
-
-
 def gates_fingerprint(cfg: RunConfig, thresholds: dict[str, float | None]) -> str:
     doc = {"gates": cfg.gates.model_dump(mode="json"), "comet_min": thresholds}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
@@ -102,9 +94,9 @@ def run_gates(cfg: RunConfig, run_id: str, shards: list[int]) -> dict:
             done = runner._stage_uri(root, "write", s)  # the shard's Parquet files are stale: remove them
             if storage.exists(done):
                 old_files = runner._load(done)["files"]
-                _delete(done)  # marker first: a crash below leaves a shard that is simply rewritten
+                storage.delete(done)  # marker first: a crash below leaves a shard that is simply rewritten
                 for f in old_files:
-                    _delete(storage.join(root, f["path"]))
+                    storage.delete(storage.join(root, f["path"]))
         all_rej = other + rejected
         new = {**d, "rows": kept, "rejected": all_rej, "stats": _restat(d["stats"], kept, all_rej),
                "gates_fingerprint": fp}  # fmt: skip
@@ -218,10 +210,10 @@ def regate(cfg: RunConfig, run_id: str) -> dict:
         raise ValueError(f"regate only re-applies gates; the config differs from the run's in: {diff}")
     if storage.exists(man_uri):  # keep the old manifest, then unpublish it: the run is unfinished until commit
         storage.write_bytes(storage.join(hist, f"manifest-{int(time.time() * 1000)}.json"), storage.read_bytes(man_uri))
-        _delete(man_uri)
+        storage.delete(man_uri)
     new = runner.commit(cfg, run_id)
     listed = {f["path"] for f in new["files"]}
     for f in old["files"]:  # e.g. an images part no longer needed
         if f["path"] not in listed:
-            _delete(storage.join(root, f["path"]))
+            storage.delete(storage.join(root, f["path"]))
     return new

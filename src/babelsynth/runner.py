@@ -69,9 +69,7 @@ def _parquet_bytes(table) -> bytes:
 def _read_parquet(uri: str):
     import pyarrow.parquet as pq
 
-    if uri.startswith("s3://"):
-        return pq.read_table(io.BytesIO(storage.read_bytes(uri)))
-    return pq.read_table(storage._local(uri))
+    return pq.read_table(storage.parquet_source(uri))
 
 
 # ---------------------------------------------------------------- plan
@@ -84,7 +82,7 @@ def plan(cfg: RunConfig, run_id: str) -> list[int]:
     if storage.exists(uri):
         return json.loads(storage.read_bytes(uri))["shards"]
     src = cfg.input_uri
-    meta = pq.read_metadata(io.BytesIO(storage.read_bytes(src)) if src.startswith("s3://") else storage._local(src))
+    meta = pq.read_metadata(storage.parquet_source(src))
     n = meta.num_rows if cfg.run.limit is None else min(meta.num_rows, cfg.run.limit)
     size = max(cfg.run.shard_size, math.ceil(n / cfg.run.max_shards))
     shards = list(range(math.ceil(n / size)))
@@ -104,7 +102,7 @@ def _read_input_shard(cfg: RunConfig, root: str, shard: int) -> list[dict]:
     doc = _plan_doc(root)
     start, stop = shard * doc["shard_size"], min(doc["records"], (shard + 1) * doc["shard_size"])
     src = cfg.input_uri
-    pf = pq.ParquetFile(io.BytesIO(storage.read_bytes(src)) if src.startswith("s3://") else storage._local(src))
+    pf = pq.ParquetFile(storage.parquet_source(src))
     out, pos = [], 0
     for batch in pf.iter_batches(batch_size=256):  # streams: memory is one batch, not the file
         if pos + batch.num_rows > start:

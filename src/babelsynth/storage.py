@@ -95,10 +95,22 @@ def list_prefix(uri: str) -> list[str]:
     return sorted(str(p) for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
 
 
+def delete(uri: str) -> None:
+    """Remove one object or file; a missing one is not an error (retries stay idempotent)."""
+    if _is_s3(uri):
+        bucket, key = _split_s3(uri)
+        _s3_client().delete_object(Bucket=bucket, Key=key)
+    else:
+        _local(uri).unlink(missing_ok=True)
+
+
 def delete_prefix(uri: str) -> None:
     for u in list_prefix(uri):
-        if _is_s3(u):
-            bucket, key = _split_s3(u)
-            _s3_client().delete_object(Bucket=bucket, Key=key)
-        else:
-            _local(u).unlink(missing_ok=True)
+        delete(u)
+
+
+def parquet_source(uri: str):
+    """What pyarrow reads: a local path (memory-mapped, read lazily) or the S3 object's bytes."""
+    import io
+
+    return io.BytesIO(read_bytes(uri)) if _is_s3(uri) else _local(uri)
