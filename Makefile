@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONWARNINGS := ignore
 
-.PHONY: setup demo test test-fast models clean lint postgres
+.PHONY: setup demo test test-fast models clean lint ruff postgres
 
 setup: $(STAMP_MAIN) $(STAMP_VLLM)
 
@@ -41,13 +41,18 @@ demo: setup
 postgres:
 	@test -d /usr/lib/postgresql || { apt-get update && apt-get install -y --no-install-recommends postgresql; }
 
-test: setup postgres
+# Formatting and lint first: CI runs `make test`, so a file ruff would change fails CI.
+ruff: $(STAMP_MAIN)
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+
+test: setup postgres ruff
 	$(VENV)/bin/python -m pytest -q tests
 
 test-fast: $(STAMP_MAIN)
 	$(VENV)/bin/python -m pytest -q -m "not slow" tests
 
-lint: $(STAMP_MAIN)
+lint: ruff
 	$(VENV)/bin/hadolint docker/*.Dockerfile
 
 clean:

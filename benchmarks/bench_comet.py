@@ -1,10 +1,13 @@
-"""COMET QE scoring (backends/comet_qe.py) against the raw `comet` predict, in one run, same pairs, same model.
+"""COMET QE scoring (backends/comet_qe.py) against the raw `comet` predict, in one run, same pairs, same
+model.
 
   .venv/bin/python benchmarks/bench_comet.py [--pairs 768] [--repeats 3] [--batch 32]
 
 Workload: what the score stage sends: (English, translation) pairs over the corpus languages, prompts repeated
-across rows (as real prompts are), and one pair in 24 a multi-paragraph answer longer than the 512-token window.
-(a) raw `model.predict(pairs, length_batching=True)`: COMET's own sort (by source characters); it silently cuts
+across rows (as real prompts are), and one pair in 24 a multi-paragraph answer longer than the 512-token
+window.
+(a) raw `model.predict(pairs, length_batching=True)`: COMET's own sort (by source characters); it silently
+cuts
     every long pair at 512 tokens, so it does less work than a correct scorer.
 (b) raw without length sorting, to show what the sort buys.
 (c) CometScorer.score, cache off: dedup, segment-level scoring of long pairs (nothing cut), sort by tokens.
@@ -38,10 +41,16 @@ def workload(n: int, seed: int = 0, long_every: int = 24) -> list[tuple[str, str
     pairs = []
     for i in range(n):
         lg = LANGS[i % len(LANGS)]
-        if long_every and i % long_every == long_every - 1:  # a long answer: 40 numbered sentences, beyond the window
+        if (
+            long_every and i % long_every == long_every - 1
+        ):  # a long answer: 40 numbered sentences, beyond the window
             idx = [rng.randrange(12) for _ in range(40)]
-            pairs.append(("\n".join(f"{k + 1}. {en[j]}" for k, j in enumerate(idx)),
-                          "\n".join(f"{k + 1}. {tr[lg][j]}" for k, j in enumerate(idx))))  # fmt: skip
+            pairs.append(
+                (
+                    "\n".join(f"{k + 1}. {en[j]}" for k, j in enumerate(idx)),
+                    "\n".join(f"{k + 1}. {tr[lg][j]}" for k, j in enumerate(idx)),
+                )
+            )
         elif i % 3 == 0:  # a prompt: few distinct ones, repeated across rows
             j = rng.randrange(3)
             pairs.append((en[j], tr[lg][j]))
@@ -71,15 +80,26 @@ def main() -> None:
     for name, long_every in (("short_only", 0), ("with_long", 24)):
         pairs = workload(args.pairs, long_every=long_every)
         data = [{"src": s, "mt": t} for s, t in pairs]
-        raw_tokens = sum(min(scorer.count_tokens(s) + scorer.count_tokens(t), scorer.budget) for s, t in pairs)
+        raw_tokens = sum(
+            min(scorer.count_tokens(s) + scorer.count_tokens(t), scorer.budget) for s, t in pairs
+        )
         runs: dict[str, list[float]] = {"raw_sorted": [], "raw_unsorted": [], "scorer": []}
         for _ in range(args.repeats):
             for key, fn in (
-                ("raw_sorted", lambda: scorer.model.predict(data, batch_size=args.batch, gpus=0, progress_bar=False)),
-                ("raw_unsorted", lambda: scorer.model.predict(data, batch_size=args.batch, gpus=0, progress_bar=False,
-                                                              length_batching=False)),
-                ("scorer", lambda: scorer.score(pairs)),
-            ):  # fmt: skip
+                (
+                    "raw_sorted",
+                    lambda data=data: scorer.model.predict(
+                        data, batch_size=args.batch, gpus=0, progress_bar=False
+                    ),
+                ),
+                (
+                    "raw_unsorted",
+                    lambda data=data: scorer.model.predict(
+                        data, batch_size=args.batch, gpus=0, progress_bar=False, length_batching=False
+                    ),
+                ),
+                ("scorer", lambda pairs=pairs: scorer.score(pairs)),
+            ):
                 t0 = time.perf_counter()
                 fn()
                 runs[key].append(time.perf_counter() - t0)
@@ -88,15 +108,23 @@ def main() -> None:
         scorer.score(pairs)
         segs, toks = scorer.segments_scored - before[0], scorer.tokens_scored - before[1]
         result[name] = {
-            "pairs": len(pairs), "distinct_pairs": len(set(pairs)),
-            "pairs_beyond_window": sum(scorer.count_tokens(s) + scorer.count_tokens(t) > scorer.budget for s, t in pairs),
-            "raw": {"inputs": len(pairs), "tokens": raw_tokens}, "scorer": {"inputs": segs, "tokens": toks},
+            "pairs": len(pairs),
+            "distinct_pairs": len(set(pairs)),
+            "pairs_beyond_window": sum(
+                scorer.count_tokens(s) + scorer.count_tokens(t) > scorer.budget for s, t in pairs
+            ),
+            "raw": {"inputs": len(pairs), "tokens": raw_tokens},
+            "scorer": {"inputs": segs, "tokens": toks},
             "best_seconds": {k: round(v, 3) for k, v in best.items()},
             "speed_scorer_vs_raw_sorted": round(best["raw_sorted"] / best["scorer"], 2),
-            "tokens_per_s_scorer_vs_raw_sorted": round((toks / best["scorer"]) / (raw_tokens / best["raw_sorted"]), 2),
+            "tokens_per_s_scorer_vs_raw_sorted": round(
+                (toks / best["scorer"]) / (raw_tokens / best["raw_sorted"]), 2
+            ),
             "speed_raw_sorted_vs_unsorted": round(best["raw_unsorted"] / best["raw_sorted"], 2),
-        }  # fmt: skip
-    result["note"] = "raw cuts pairs beyond the window at 512 tokens; the scorer scores all of them, by segments"
+        }
+    result["note"] = (
+        "raw cuts pairs beyond the window at 512 tokens; the scorer scores all of them, by segments"
+    )
     print(json.dumps(result, indent=1))
 
 

@@ -1,6 +1,7 @@
 """Recaption-stage throughput through a vLLM server against vLLM offline `LLM.chat`, one run, same prompts.
 
-  .venv/bin/python benchmarks/bench_teacher.py [--per-task 32] [--max-tokens 96] [--concurrency 128] [--repeats 3]
+  .venv/bin/python benchmarks/bench_teacher.py [--per-task 32] [--max-tokens 96] [--concurrency 128]
+  [--repeats 3]
       [--engine-mp 1]
 
 Three engines of the tiny teacher VLM with the same engine arguments (dtype, max_model_len, KV cache, eager,
@@ -27,6 +28,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import ClassVar
 
 RAW_OFFLINE = r"""
 import json, sys, time
@@ -34,7 +36,9 @@ from vllm import LLM, SamplingParams
 spec = json.loads(sys.argv[1])
 llm = LLM(model=spec["path"], max_model_len=2048, dtype="bfloat16", kv_cache_memory_bytes=64 << 20,
           enforce_eager=True, enable_chunked_prefill=False, seed=0, limit_mm_per_prompt={"image": 2})
-sp = lambda b: SamplingParams(max_tokens=b["max_tokens"], temperature=b["temperature"], top_p=b["top_p"], seed=b["seed"])
+def sp(b):
+    return SamplingParams(max_tokens=b["max_tokens"], temperature=b["temperature"], top_p=b["top_p"],
+                          seed=b["seed"])
 print("READY", flush=True)
 for line in sys.stdin:  # each line: a JSONL file of request bodies; one timed LLM.chat call over all of them
     bodies = [json.loads(l) for l in open(line.strip())]
@@ -42,7 +46,8 @@ for line in sys.stdin:  # each line: a JSONL file of request bodies; one timed L
     outs = llm.chat([b["messages"] for b in bodies], [sp(b) for b in bodies], use_tqdm=False)
     dt = time.perf_counter() - t0
     print("RESULT " + json.dumps({"seconds": dt, "requests": len(outs),
-                                  "completion_tokens": sum(len(o.outputs[0].token_ids) for o in outs)}), flush=True)
+                                  "completion_tokens": sum(len(o.outputs[0].token_ids) for o in outs)}),
+          flush=True)
 """
 
 
@@ -53,8 +58,13 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--models", default=".work/test/models", help="tiny models dir (built if missing)")
-    ap.add_argument("--engine-mp", choices=("0", "1"), default="1",
-                    help="VLLM_ENABLE_V1_MULTIPROCESSING for all three engines (1, the default of vllm: engine core in its own process)")
+    ap.add_argument(
+        "--engine-mp",
+        choices=("0", "1"),
+        default="1",
+        help="VLLM_ENABLE_V1_MULTIPROCESSING for all three engines "
+        "(1, the default of vllm: engine core in its own process)",
+    )
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = args.engine_mp  # the offline worker inherits it
@@ -76,11 +86,18 @@ def main() -> None:
     os.environ.update(BABELSYNTH_WORK=str(work), BABELSYNTH_MODELS=str(Path(models["nllb_ct2"]).parents[1]))
 
     def config(tag: str, teacher: dict):
-        return load_config("configs/demo.yaml", {
-            "input_uri": str(work / "in.parquet"), "output_uri": str(work / tag), "cache_dir": str(work / tag / "cache"),
-            "run.shard_size": n, "models.teacher": teacher, "filter.rules.mode": "report",
-            "recaption.max_tokens": args.max_tokens,
-        })  # fmt: skip
+        return load_config(
+            "configs/demo.yaml",
+            {
+                "input_uri": str(work / "in.parquet"),
+                "output_uri": str(work / tag),
+                "cache_dir": str(work / tag / "cache"),
+                "run.shard_size": n,
+                "models.teacher": teacher,
+                "filter.rules.mode": "report",
+                "recaption.max_tokens": args.max_tokens,
+            },
+        )
 
     def run_stage(cfg, client) -> tuple[float, dict]:
         """The recaption stage function on the whole input (one shard), timed; model loading excluded."""
@@ -88,19 +105,22 @@ def main() -> None:
         runner.run_stage(cfg, "bench", "ingest", 0)
         root = runner.run_root(cfg, "bench")
         rows = runner._load(runner._stage_uri(root, "ingest", 0))["rows"]
-        ctx = Context(cfg, "bench", 0, Cache(Path(cfg.cache_dir) / "requests.sqlite"), runner._images_loader(root, 0))
+        ctx = Context(
+            cfg, "bench", 0, Cache(Path(cfg.cache_dir) / "requests.sqlite"), runner._images_loader(root, 0)
+        )
         ctx._backends["teacher"] = client  # with a fresh cache: every request is computed
         t0 = time.perf_counter()
         res = recaption(ctx, rows)
         return time.perf_counter() - t0, res.extra
 
     import lexicalrichness  # noqa: F401 - a one-off import (matplotlib, scipy: seconds), excluded like model loading
+
     from babelsynth.backends.vllm_offline import VLLMOfflineClient, _worker_for
 
     class Recording(ChatClient):
         """The stage's own HTTP client, recording the request bodies and the time spent in chat requests."""
 
-        bodies: list[dict] = []
+        bodies: ClassVar[list[dict]] = []
         chat_seconds = 0.0
 
         def chat_many(self, requests):
@@ -113,38 +133,80 @@ def main() -> None:
 
     # All three engines are loaded once and stay up; the runs interleave, so a shared box's load drift hits
     # every mode alike. Each repeat starts without a cache (every request is computed).
-    srv = VLLMServer(models["vlm"], served_model_name="tiny-aya-vision", work_dir=work / "vllm",
-                     env={"VLLM_ENABLE_V1_MULTIPROCESSING": args.engine_mp})
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "VLLM_CPU_KVCACHE_SPACE")}
+    srv = VLLMServer(
+        models["vlm"],
+        served_model_name="tiny-aya-vision",
+        work_dir=work / "vllm",
+        env={"VLLM_ENABLE_V1_MULTIPROCESSING": args.engine_mp},
+    )
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("PYTHONPATH", "VIRTUAL_ENV", "VLLM_CPU_KVCACHE_SPACE")
+    }
     env.update(VLLM_ENABLE_V1_MULTIPROCESSING=args.engine_mp, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    raw = subprocess.Popen([str(default_vllm_python()), "-c", RAW_OFFLINE, json.dumps({"path": models["vlm"]})],
-                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(work / "raw.log", "wb"),
-                           text=True, env=env, cwd=work)  # fmt: skip
+    raw = subprocess.Popen(
+        [str(default_vllm_python()), "-c", RAW_OFFLINE, json.dumps({"path": models["vlm"]})],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=open(work / "raw.log", "wb"),
+        text=True,
+        env=env,
+        cwd=work,
+    )
     srv.start()
     try:
+
         def raw_line(prefix: str) -> str:  # vLLM may print to stdout too: skip to our line
             while line := raw.stdout.readline():
                 if line.startswith(prefix):
-                    return line[len(prefix):]
+                    return line[len(prefix) :]
             raise SystemExit(f"raw offline engine failed; see {work / 'raw.log'}")
 
         raw_line("READY")
-        cfg_http = config("server", {"kind": "openai_http", "base_url": srv.url, "model": "tiny-aya-vision",
-                                     "max_concurrency": args.concurrency, "image_max_side": 224})  # fmt: skip
-        cfg_off = config("offline", {"kind": "vllm_offline", "model": "tiny-aya-vision", "path": models["vlm"],
-                                     "max_model_len": 2048, "dtype": "bfloat16", "kv_cache_memory_bytes": 64 << 20,
-                                     "engine_args": {"enforce_eager": True}, "image_max_side": 224})  # fmt: skip
+        cfg_http = config(
+            "server",
+            {
+                "kind": "openai_http",
+                "base_url": srv.url,
+                "model": "tiny-aya-vision",
+                "max_concurrency": args.concurrency,
+                "image_max_side": 224,
+            },
+        )
+        cfg_off = config(
+            "offline",
+            {
+                "kind": "vllm_offline",
+                "model": "tiny-aya-vision",
+                "path": models["vlm"],
+                "max_model_len": 2048,
+                "dtype": "bfloat16",
+                "kv_cache_memory_bytes": 64 << 20,
+                "engine_args": {"enforce_eager": True},
+                "image_max_side": 224,
+            },
+        )
         _worker_for(cfg_off.models.teacher).call({"op": "tokenize", "texts": ["warm"]})  # engine loaded
         import httpx
 
-        httpx.post(f"{srv.url}/chat/completions", timeout=120, json={  # warm-up
-            "model": "tiny-aya-vision", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+        httpx.post(
+            f"{srv.url}/chat/completions",
+            timeout=120,
+            json={  # warm-up
+                "model": "tiny-aya-vision",
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 4,
+            },
+        )
         import asyncio
 
         async def post_all(bodies: list[dict]) -> float:
-            """The same bodies straight to the server with httpx (no stage): what the HTTP path itself costs."""
+            """The same bodies straight to the server with httpx (no stage): what HTTP itself costs."""
             sem = asyncio.Semaphore(args.concurrency)
-            async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=args.concurrency)) as c:
+            async with httpx.AsyncClient(
+                timeout=300, limits=httpx.Limits(max_connections=args.concurrency)
+            ) as c:
 
                 async def one(b):
                     async with sem:
@@ -171,8 +233,12 @@ def main() -> None:
             return total
 
         worker = _worker_for(cfg_off.models.teacher)
-        pids = {"server": [os.getpid(), srv.pid], "raw": [raw.pid], "http": [os.getpid(), srv.pid],
-                "offline": [os.getpid(), worker.proc.pid]}  # fmt: skip
+        pids = {
+            "server": [os.getpid(), srv.pid],
+            "raw": [raw.pid],
+            "http": [os.getpid(), srv.pid],
+            "offline": [os.getpid(), worker.proc.pid],
+        }
         wall: dict[str, list[float]] = {k: [] for k in pids}
         cpu: dict[str, list[float]] = {k: [] for k in pids}
 
@@ -185,9 +251,13 @@ def main() -> None:
 
         def server_stage(rep: int) -> None:
             Recording.bodies, Recording.chat_seconds = [], 0.0
-            t, st = run_stage(cfg_http, Recording(cfg_http.models.teacher, Cache(work / f"http-{rep}.sqlite")))
+            t, st = run_stage(
+                cfg_http, Recording(cfg_http.models.teacher, Cache(work / f"http-{rep}.sqlite"))
+            )
             if not first:
-                first.update(bodies=list(Recording.bodies), chat_s=Recording.chat_seconds, tok=st["tokenize_requests"])
+                first.update(
+                    bodies=list(Recording.bodies), chat_s=Recording.chat_seconds, tok=st["tokenize_requests"]
+                )
                 (work / "bodies.jsonl").write_text("".join(json.dumps(b) + "\n" for b in first["bodies"]))
             return t
 
@@ -201,13 +271,20 @@ def main() -> None:
             runner.plan(cfg, "bench")
             runner.run_stage(cfg, "bench", "ingest", 0)
         for rep in range(args.repeats):
-            measure("server", lambda: server_stage(rep))
+            measure("server", lambda rep=rep: server_stage(rep))
             measure("raw", raw_chat)
             measure("http", lambda: asyncio.run(post_all(first["bodies"])))
-            measure("offline", lambda: run_stage(cfg_off, VLLMOfflineClient(
-                cfg_off.models.teacher, Cache(work / f"off-{rep}.sqlite")))[0])
-            print(f"repeat {rep}: " + ", ".join(f"{k} {wall[k][-1]:.2f}s wall {cpu[k][-1]:.2f}s cpu" for k in pids),
-                  flush=True)
+            measure(
+                "offline",
+                lambda rep=rep: run_stage(
+                    cfg_off, VLLMOfflineClient(cfg_off.models.teacher, Cache(work / f"off-{rep}.sqlite"))
+                )[0],
+            )
+            print(
+                f"repeat {rep}: "
+                + ", ".join(f"{k} {wall[k][-1]:.2f}s wall {cpu[k][-1]:.2f}s cpu" for k in pids),
+                flush=True,
+            )
     finally:
         srv.stop()
         close_all()
@@ -217,19 +294,36 @@ def main() -> None:
     nreq = len(first["bodies"])
     bw = {k: min(v) for k, v in wall.items()}
     bc = {k: min(v) for k, v in cpu.items()}
-    print(f"records {n}, requests {nreq}, max_tokens {args.max_tokens}, client concurrency {args.concurrency}, "
-          f"engine multiprocessing {args.engine_mp}, best of {args.repeats}; "
-          f"{first['raw']['completion_tokens']} completion tokens")
-    names = {"raw": "raw vllm.LLM.chat (offline)", "server": "recaption stage via vllm serve (HTTP)",
-             "http": "same bodies via vllm serve, bare httpx", "offline": "recaption stage via vllm_offline backend"}
+    print(
+        f"records {n}, requests {nreq}, max_tokens {args.max_tokens}, client concurrency {args.concurrency}, "
+        f"engine multiprocessing {args.engine_mp}, best of {args.repeats}; "
+        f"{first['raw']['completion_tokens']} completion tokens"
+    )
+    names = {
+        "raw": "raw vllm.LLM.chat (offline)",
+        "server": "recaption stage via vllm serve (HTTP)",
+        "http": "same bodies via vllm serve, bare httpx",
+        "offline": "recaption stage via vllm_offline backend",
+    }
     for k, name in names.items():
         print(f"{name:<42} wall {bw[k]:6.2f}s ({nreq / bw[k]:6.1f} req/s)  cpu {bc[k]:6.2f}s")
-    print(f"  stage 1st run: chat requests {first['chat_s']:.2f}s of {wall['server'][0]:.2f}s; "
-          f"{first['tok']} /tokenize requests")
-    print(f"server stage / raw offline throughput: wall {bw['raw'] / bw['server']:.3f}, cpu {bc['raw'] / bc['server']:.3f}"
-          f"  (target >= 0.8)")
-    print(f"bare httpx / raw offline:              wall {bw['raw'] / bw['http']:.3f}, cpu {bc['raw'] / bc['http']:.3f}")
-    print(f"offline-backend stage / raw offline:   wall {bw['raw'] / bw['offline']:.3f}, cpu {bc['raw'] / bc['offline']:.3f}")
+    print(
+        f"  stage 1st run: chat requests {first['chat_s']:.2f}s of {wall['server'][0]:.2f}s; "
+        f"{first['tok']} /tokenize requests"
+    )
+    print(
+        f"server stage / raw offline throughput: wall {bw['raw'] / bw['server']:.3f}, "
+        f"cpu {bc['raw'] / bc['server']:.3f}"
+        f"  (target >= 0.8)"
+    )
+    print(
+        f"bare httpx / raw offline:              wall {bw['raw'] / bw['http']:.3f}, "
+        f"cpu {bc['raw'] / bc['http']:.3f}"
+    )
+    print(
+        f"offline-backend stage / raw offline:   wall {bw['raw'] / bw['offline']:.3f}, "
+        f"cpu {bc['raw'] / bc['offline']:.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -7,11 +7,13 @@
     sentences already tokenized, same targets, beam, batch and decoding limit. Target: ratio >= 0.95.
 (b) CTranslate2 vs HF `generate`: same weights (HF checkpoint and its CT2 conversion), same token ids, beam,
     batches of 32 sorted by length, and exactly the same number of output tokens (min = max length; the random
-    models never emit EOS anyway). CT2 int8 is what the stage runs on CPU; CT2 float32 is shown too. Target >= 4x.
+    models never emit EOS anyway). CT2 int8 is what the stage runs on CPU; CT2 float32 is shown too. Target >=
+    4x.
 
 Models: the tiny random NLLB of the tests, and a random model of NLLB-200-distilled-600M shape (d_model 1024,
 12+12 layers, ffn 4096, 16 heads, vocab 256,206; 615M params), built once under .work/bench (not committed,
-~5 GB disk, ~4 GB RAM to build). Ratios are what to read: the box is shared, seconds move. Best of N interleaved
+~5 GB disk, ~4 GB RAM to build). Ratios are what to read: the box is shared, seconds move. Best of N
+interleaved
 runs per configuration; one process, one thread per engine unless --threads says otherwise.
 """
 
@@ -32,11 +34,24 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / ".work" / "bench"
 TARGETS = ("fra_Latn", "deu_Latn", "hin_Deva", "zho_Hans")
-BIG = {"d_model": 1024, "encoder_layers": 12, "decoder_layers": 12, "encoder_attention_heads": 16,
-       "decoder_attention_heads": 16, "encoder_ffn_dim": 4096, "decoder_ffn_dim": 4096, "vocab_size": 256206,
-       "init_std": 0.02}  # fmt: skip
-TOKENIZER_FILES = ("sentencepiece.bpe.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json")  # fmt: skip
+BIG = {
+    "d_model": 1024,
+    "encoder_layers": 12,
+    "decoder_layers": 12,
+    "encoder_attention_heads": 16,
+    "decoder_attention_heads": 16,
+    "encoder_ffn_dim": 4096,
+    "decoder_ffn_dim": 4096,
+    "vocab_size": 256206,
+    "init_std": 0.02,
+}
+TOKENIZER_FILES = (
+    "sentencepiece.bpe.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+)
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -46,7 +61,9 @@ def _convert(hf: Path, ct2: Path) -> None:
     """float32 CT2 conversion (CT2 quantizes to int8 at load) plus the spm the stage reads."""
     from ctranslate2.converters import TransformersConverter
 
-    TransformersConverter(str(hf), copy_files=["tokenizer.json"]).convert(str(ct2), quantization="float32", force=True)
+    TransformersConverter(str(hf), copy_files=["tokenizer.json"]).convert(
+        str(ct2), quantization="float32", force=True
+    )
     shutil.copy(hf / "sentencepiece.bpe.model", ct2 / "sentencepiece.bpe.model")
 
 
@@ -93,12 +110,16 @@ def sentences(n: int, seed: int = 0) -> list[str]:
     """Distinct English sentences of 8-20 words (dedup gives the stage no edge over the raw engine)."""
     from babelsynth.models.build import corpus_lines
 
-    vocab = sorted({w.strip(".?,!").lower() for s in corpus_lines(("eng_Latn",))["eng_Latn"] for w in s.split()})
+    vocab = sorted(
+        {w.strip(".?,!").lower() for s in corpus_lines(("eng_Latn",))["eng_Latn"] for w in s.split()}
+    )
     vocab = [w for w in vocab if len(w) > 1]
     rng = random.Random(seed)
     out: set[str] = set()
     while len(out) < n:
-        out.add(" ".join(rng.choice(vocab) for _ in range(rng.randint(8, 20))).capitalize() + rng.choice(".?"))
+        out.add(
+            " ".join(rng.choice(vocab) for _ in range(rng.randint(8, 20))).capitalize() + rng.choice(".?")
+        )
     return sorted(out, key=lambda s: rng.random())
 
 
@@ -149,8 +170,16 @@ def bench_stage(ct2: Path, n_sents: int, beam: int, max_len: int, threads: int, 
     sents = sentences(n_sents)
     texts = paragraphs(sents)
     assert [s for t in texts for s in segments(t)] == sents, "the stage must see exactly these sentences"
-    cfg = CT2NLLBBackend(path=str(ct2), device="cpu", compute_type="int8", beam_size=beam, max_decoding_length=max_len,
-                         max_batch_tokens=4096, max_input_tokens=256, intra_threads=threads)  # fmt: skip
+    cfg = CT2NLLBBackend(
+        path=str(ct2),
+        device="cpu",
+        compute_type="int8",
+        beam_size=beam,
+        max_decoding_length=max_len,
+        max_batch_tokens=4096,
+        max_input_tokens=256,
+        intra_threads=threads,
+    )
     stage = NLLBTranslator(cfg, cache=None)
     sp = spm.SentencePieceProcessor(model_file=str(ct2 / "sentencepiece.bpe.model"))
     jobs = [(s, tgt) for s in sents for tgt in TARGETS]
@@ -163,8 +192,14 @@ def bench_stage(ct2: Path, n_sents: int, beam: int, max_len: int, threads: int, 
     cache_dir = BENCH / "cache-runs"
 
     def run_raw():
-        raw.translate_batch(raw_src, target_prefix=raw_pre, beam_size=beam, max_batch_size=4096, batch_type="tokens",
-                            max_decoding_length=max_len)  # fmt: skip
+        raw.translate_batch(
+            raw_src,
+            target_prefix=raw_pre,
+            beam_size=beam,
+            max_batch_size=4096,
+            batch_type="tokens",
+            max_decoding_length=max_len,
+        )
 
     def run_stage():
         stage.translate_many([(t, tgt) for t in texts for tgt in TARGETS])
@@ -178,9 +213,14 @@ def bench_stage(ct2: Path, n_sents: int, beam: int, max_len: int, threads: int, 
             stage.cache = None
 
     t = best_of({"raw": run_raw, "stage": run_stage, "stage_cold_cache": run_stage_cold_cache}, repeats)
-    return {"segments": len(jobs), "beam": beam, "max_len": max_len, "times": t,
-            "ratio": {c: ratio(t, "raw", "stage", c) for c in ("cpu", "wall")},
-            "ratio_cold_cache": {c: ratio(t, "raw", "stage_cold_cache", c) for c in ("cpu", "wall")}}  # fmt: skip
+    return {
+        "segments": len(jobs),
+        "beam": beam,
+        "max_len": max_len,
+        "times": t,
+        "ratio": {c: ratio(t, "raw", "stage", c) for c in ("cpu", "wall")},
+        "ratio_cold_cache": {c: ratio(t, "raw", "stage_cold_cache", c) for c in ("cpu", "wall")},
+    }
 
 
 # ------------------------------------------------------------------------------------------------ (b)
@@ -195,7 +235,9 @@ def bench_hf(hf: Path, ct2: Path, n_sents: int, beam: int, out_len: int, threads
     torch.set_num_threads(threads)
     vocab = {t: i for i, t in enumerate(json.loads((ct2 / "shared_vocabulary.json").read_text()))}
     sp = spm.SentencePieceProcessor(model_file=str(ct2 / "sentencepiece.bpe.model"))
-    toks = sorted((["eng_Latn", *sp.encode(s, out_type=str), "</s>"] for s in sentences(n_sents, seed=1)), key=len)
+    toks = sorted(
+        (["eng_Latn", *sp.encode(s, out_type=str), "</s>"] for s in sentences(n_sents, seed=1)), key=len
+    )
     tgt = "fra_Latn"
     bs = 32
     model = M2M100ForConditionalGeneration.from_pretrained(hf, dtype=torch.float32).eval()
@@ -212,31 +254,53 @@ def bench_hf(hf: Path, ct2: Path, n_sents: int, beam: int, out_len: int, threads
         n = 0
         with torch.inference_mode():
             for ids, mask in batches:
-                out = model.generate(input_ids=ids, attention_mask=mask, forced_bos_token_id=vocab[tgt],
-                                     num_beams=beam, do_sample=False, max_new_tokens=out_len, min_new_tokens=out_len,
-                                     early_stopping=False)  # fmt: skip
+                out = model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    forced_bos_token_id=vocab[tgt],
+                    num_beams=beam,
+                    do_sample=False,
+                    max_new_tokens=out_len,
+                    min_new_tokens=out_len,
+                    early_stopping=False,
+                )
                 n += (out.shape[1] - 1) * out.shape[0]  # minus the decoder start token
         produced["hf"] = n
 
-    engines = {ct: ctranslate2.Translator(str(ct2), device="cpu", compute_type=ct, intra_threads=threads)
-               for ct in ("int8", "float32")}  # fmt: skip
+    engines = {
+        ct: ctranslate2.Translator(str(ct2), device="cpu", compute_type=ct, intra_threads=threads)
+        for ct in ("int8", "float32")
+    }
 
     def run_ct2(ct):
         def fn():
-            res = engines[ct].translate_batch(toks, target_prefix=[[tgt]] * len(toks), beam_size=beam, max_batch_size=bs,
-                                              batch_type="examples", max_decoding_length=out_len,
-                                              min_decoding_length=out_len)  # fmt: skip
+            res = engines[ct].translate_batch(
+                toks,
+                target_prefix=[[tgt]] * len(toks),
+                beam_size=beam,
+                max_batch_size=bs,
+                batch_type="examples",
+                max_decoding_length=out_len,
+                min_decoding_length=out_len,
+            )
             produced[f"ct2_{ct}"] = sum(len(r.hypotheses[0]) for r in res)
 
         return fn
 
-    t = best_of({"hf_float32": run_hf, "ct2_int8": run_ct2("int8"), "ct2_float32": run_ct2("float32")}, repeats)
+    t = best_of(
+        {"hf_float32": run_hf, "ct2_int8": run_ct2("int8"), "ct2_float32": run_ct2("float32")}, repeats
+    )
     assert len(set(produced.values())) == 1, f"engines produced different token counts: {produced}"
     out_tokens = produced["hf"]
-    return {"sentences": len(toks), "beam": beam, "out_tokens": out_tokens, "times": t,
-            "tok_per_s": {k: out_tokens / min(v["wall"]) for k, v in t.items()},
-            "ratio_int8": {c: ratio(t, "hf_float32", "ct2_int8", c) for c in ("cpu", "wall")},
-            "ratio_float32": {c: ratio(t, "hf_float32", "ct2_float32", c) for c in ("cpu", "wall")}}  # fmt: skip
+    return {
+        "sentences": len(toks),
+        "beam": beam,
+        "out_tokens": out_tokens,
+        "times": t,
+        "tok_per_s": {k: out_tokens / min(v["wall"]) for k, v in t.items()},
+        "ratio_int8": {c: ratio(t, "hf_float32", "ct2_int8", c) for c in ("cpu", "wall")},
+        "ratio_float32": {c: ratio(t, "hf_float32", "ct2_float32", c) for c in ("cpu", "wall")},
+    }
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -247,12 +311,27 @@ def machine() -> dict:
     import torch
     import transformers
 
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())  # fmt: skip
-    mem = next(ln.split()[1] for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemTotal"))
-    return {"cpu": cpu, "cores": os.cpu_count(), "mem_gib": round(int(mem) / 2**20), "python": platform.python_version(),
-            "ctranslate2": ctranslate2.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "loadavg_start": os.getloadavg()}  # fmt: skip
+    cpu = next(
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    mem = next(
+        ln.split()[1] for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemTotal")
+    )
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "mem_gib": round(int(mem) / 2**20),
+        "python": platform.python_version(),
+        "ctranslate2": ctranslate2.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "loadavg_start": os.getloadavg(),
+    }
 
 
 def main() -> None:
@@ -278,18 +357,24 @@ def main() -> None:
             r = bench_stage(ct2, n, beam, L, args.threads, args.repeats)
             runs["a"].append(r)
             t, q, qc = r["times"], r["ratio"], r["ratio_cold_cache"]
-            print(f"[{name}] (a) beam {beam}: {r['segments']} segment x target; best wall/cpu s: raw "
-                  f"{min(t['raw']['wall']):.3f}/{min(t['raw']['cpu']):.3f}, stage {min(t['stage']['wall']):.3f}/"
-                  f"{min(t['stage']['cpu']):.3f} -> stage/raw cpu {q['cpu']:.3f} wall {q['wall']:.3f}; "
-                  f"with a cold SQLite cache cpu {qc['cpu']:.3f} wall {qc['wall']:.3f}")  # fmt: skip
+            print(
+                f"[{name}] (a) beam {beam}: {r['segments']} segment x target; best wall/cpu s: raw "
+                f"{min(t['raw']['wall']):.3f}/{min(t['raw']['cpu']):.3f}, "
+                f"stage {min(t['stage']['wall']):.3f}/"
+                f"{min(t['stage']['cpu']):.3f} -> stage/raw cpu {q['cpu']:.3f} wall {q['wall']:.3f}; "
+                f"with a cold SQLite cache cpu {qc['cpu']:.3f} wall {qc['wall']:.3f}"
+            )
         for n, beam, L in plans[name]["b"]:
             r = bench_hf(hf, ct2, n, beam, L, args.threads, max(1, args.repeats - (name == "600m")))
             runs["b"].append(r)
             tps = r["tok_per_s"]
-            print(f"[{name}] (b) beam {beam}: {r['sentences']} sentences, {r['out_tokens']} out tokens; tok/s "
-                  f"HF fp32 {tps['hf_float32']:.0f}, CT2 int8 {tps['ct2_int8']:.0f}, CT2 fp32 {tps['ct2_float32']:.0f}"
-                  f" -> CT2 int8 / HF cpu {r['ratio_int8']['cpu']:.2f}x wall {r['ratio_int8']['wall']:.2f}x; "
-                  f"CT2 fp32 / HF cpu {r['ratio_float32']['cpu']:.2f}x wall {r['ratio_float32']['wall']:.2f}x")  # fmt: skip
+            print(
+                f"[{name}] (b) beam {beam}: {r['sentences']} sentences, {r['out_tokens']} out tokens; tok/s "
+                f"HF fp32 {tps['hf_float32']:.0f}, CT2 int8 {tps['ct2_int8']:.0f}, "
+                f"CT2 fp32 {tps['ct2_float32']:.0f}"
+                f" -> CT2 int8 / HF cpu {r['ratio_int8']['cpu']:.2f}x wall {r['ratio_int8']['wall']:.2f}x; "
+                f"CT2 fp32 / HF cpu {r['ratio_float32']['cpu']:.2f}x wall {r['ratio_float32']['wall']:.2f}x"
+            )
     report["machine"]["loadavg_end"] = os.getloadavg()
     out = BENCH / f"translate-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(report, indent=1))

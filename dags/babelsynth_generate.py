@@ -40,25 +40,46 @@ def _str(description: str) -> Param:
     catchup=False,
     max_active_runs=1,
     tags=["babelsynth", "generation"],
-    default_args={"retries": 3, "retry_delay": timedelta(seconds=10), "retry_exponential_backoff": 2.0,
-                  "max_retry_delay": timedelta(minutes=10)},  # fmt: skip
+    default_args={
+        "retries": 3,
+        "retry_delay": timedelta(seconds=10),
+        "retry_exponential_backoff": 2.0,
+        "max_retry_delay": timedelta(minutes=10),
+    },
     params={
         "config_path": _str("YAML run config; default $BABELSYNTH_CONFIG"),
         "input_uri": _str("canonical English input Parquet (path or s3://)"),
         "output_uri": _str("output root (path or s3://); the run writes <output_uri>/<run_id>/"),
-        "languages": Param(None, type=["null", "array"], minItems=1, uniqueItems=True,
-                           items={"type": "string", "pattern": LANG_CODE},
-                           description="FLORES-200 target codes, e.g. deu_Latn; default: the 23 Aya codes"),
-        "limit": Param(None, type=["null", "integer"], minimum=1, description="use the first N input records"),
-        "shard_size": Param(None, type=["null", "integer"], minimum=1, maximum=100000,
-                            description="records per shard (grows if needed to respect max_shards)"),
-        "max_shards": Param(None, type=["null", "integer"], minimum=1, maximum=MAX_SHARDS,
-                            description=f"fan-out bound: at most this many mapped tasks per stage (<= {MAX_SHARDS})"),
+        "languages": Param(
+            None,
+            type=["null", "array"],
+            minItems=1,
+            uniqueItems=True,
+            items={"type": "string", "pattern": LANG_CODE},
+            description="FLORES-200 target codes, e.g. deu_Latn; default: the 23 Aya codes",
+        ),
+        "limit": Param(
+            None, type=["null", "integer"], minimum=1, description="use the first N input records"
+        ),
+        "shard_size": Param(
+            None,
+            type=["null", "integer"],
+            minimum=1,
+            maximum=100000,
+            description="records per shard (grows if needed to respect max_shards)",
+        ),
+        "max_shards": Param(
+            None,
+            type=["null", "integer"],
+            minimum=1,
+            maximum=MAX_SHARDS,
+            description=f"fan-out bound: at most this many mapped tasks per stage (<= {MAX_SHARDS})",
+        ),
         "teacher_url": _str("OpenAI-compatible /v1 URL of the teacher VLM (vLLM)"),
         "llm_url": _str("OpenAI-compatible /v1 URL of the judge/rephraser LLM (vLLM)"),
         "translator_path": _str("CTranslate2 NLLB-200 model dir"),
         "comet_path": _str("COMET (CometKiwi) checkpoint .ckpt"),
-    },  # fmt: skip
+    },
     doc_md=__doc__,
 )
 def babelsynth_generate():
@@ -86,8 +107,10 @@ def babelsynth_generate():
         out = ops.commit(params, ctx["run_id"])
         run_after = ctx["dag_run"].run_after
         ctx["outlet_events"][SHARDS_ASSET].extra = {
-            "manifest_uri": out["manifest_uri"], "run_id": out["run_id"],
-            "run_after": run_after.isoformat() if run_after else None}  # fmt: skip
+            "manifest_uri": out["manifest_uri"],
+            "run_id": out["run_id"],
+            "run_after": run_after.isoformat() if run_after else None,
+        }
         return out
 
     per_shard.expand(shard=plan()) >> commit()

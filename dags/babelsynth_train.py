@@ -23,13 +23,23 @@ SHARDS_ASSET = Asset(name="babelsynth_shards", uri="file:///babelsynth/shards")
     catchup=False,
     max_active_runs=1,
     tags=["babelsynth", "training"],
-    default_args={"retries": 2, "retry_delay": timedelta(seconds=30), "retry_exponential_backoff": 2.0,
-                  "max_retry_delay": timedelta(minutes=30)},  # fmt: skip
+    default_args={
+        "retries": 2,
+        "retry_delay": timedelta(seconds=30),
+        "retry_exponential_backoff": 2.0,
+        "max_retry_delay": timedelta(minutes=30),
+    },
     params={
-        "manifest_uri": Param(None, type=["null", "string"], description="run manifest; default: triggering event"),
-        "train_config": Param(None, type=["null", "string"], description="training YAML; default $BABELSYNTH_TRAIN_CONFIG"),
-        "out_uri": Param(None, type=["null", "string"], description="where checkpoints go; default next to the run"),
-    },  # fmt: skip
+        "manifest_uri": Param(
+            None, type=["null", "string"], description="run manifest; default: triggering event"
+        ),
+        "train_config": Param(
+            None, type=["null", "string"], description="training YAML; default $BABELSYNTH_TRAIN_CONFIG"
+        ),
+        "out_uri": Param(
+            None, type=["null", "string"], description="where checkpoints go; default next to the run"
+        ),
+    },
     doc_md=__doc__,
 )
 def babelsynth_train():
@@ -46,7 +56,9 @@ def babelsynth_train():
 
     @task(pool=load_placement().pool)  # training holds a GPU: the same pool as the model stages
     def train_and_merge(uri: str, params=None) -> dict:
-        cfg = params.get("train_config") or os.environ.get("BABELSYNTH_TRAIN_CONFIG", "configs/train_demo.yaml")
+        cfg = params.get("train_config") or os.environ.get(
+            "BABELSYNTH_TRAIN_CONFIG", "configs/train_demo.yaml"
+        )
         return ops.train(uri, cfg, params.get("out_uri"))
 
     train_and_merge(manifest_uri())

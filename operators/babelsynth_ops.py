@@ -57,7 +57,11 @@ def endpoint_overrides(with_keys: bool = True) -> dict[str, Any]:
         except AirflowNotFoundException:
             continue
         scheme = "https" if c.conn_type == "https" or c.extra_dejson.get("https") else "http"
-        url = f"{scheme}://{c.host}" + (f":{c.port}" if c.port else "") + (f"/{c.schema.strip('/')}" if c.schema else "")
+        url = (
+            f"{scheme}://{c.host}"
+            + (f":{c.port}" if c.port else "")
+            + (f"/{c.schema.strip('/')}" if c.schema else "")
+        )
         key_env = f"BABELSYNTH_{conn_id.removeprefix('babelsynth_').upper()}_API_KEY"
         if with_keys and c.password:
             os.environ[key_env] = c.password
@@ -125,8 +129,12 @@ def commit(params: dict[str, Any], run_id: str) -> dict:
     man = runner.commit(cfg, run_id)
     print(runner.summary(man))
     uri = storage.join(runner.run_root(cfg, run_id), runner.MANIFEST)
-    return {"manifest_uri": uri, "run_id": run_id, "samples_by_lang": man["samples_by_lang"],
-            "rejected": man["rejected_total"]}  # fmt: skip
+    return {
+        "manifest_uri": uri,
+        "run_id": run_id,
+        "samples_by_lang": man["samples_by_lang"],
+        "rejected": man["rejected_total"],
+    }
 
 
 def train(manifest_uri: str, train_config: str, out_uri: str | None = None) -> dict:

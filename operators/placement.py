@@ -38,13 +38,21 @@ class KubernetesSection(_Base):
     gpus: int = Field(1, ge=0, description="nvidia.com/gpu limit per pod")
     cpu: str = "4"
     memory: str = "32Gi"
-    deferrable: bool = Field(True, description="wait in the triggerer: frees the worker slot (see pool notes)")
+    deferrable: bool = Field(
+        True, description="wait in the triggerer: frees the worker slot (see pool notes)"
+    )
     config_path: str | None = Field(None, description="config path inside the image; default: the run's")
     service_account: str | None = None
-    env: dict[str, str] = Field(default_factory=dict, description="plain env vars (e.g. BABELSYNTH_S3_ENDPOINT_URL)")
-    env_from_secrets: list[str] = Field(default_factory=list, description="k8s secrets exported as env (S3 keys)")
+    env: dict[str, str] = Field(
+        default_factory=dict, description="plain env vars (e.g. BABELSYNTH_S3_ENDPOINT_URL)"
+    )
+    env_from_secrets: list[str] = Field(
+        default_factory=list, description="k8s secrets exported as env (S3 keys)"
+    )
     node_selector: dict[str, str] = Field(default_factory=dict)
-    startup_timeout_seconds: int = Field(600, ge=30, description="a pod Pending longer than this fails the try")
+    startup_timeout_seconds: int = Field(
+        600, ge=30, description="a pod Pending longer than this fails the try"
+    )
 
 
 class Placement(_Base):
@@ -96,7 +104,17 @@ def load_placement(path: str | None = None) -> Placement:
 
 def stage_argv(stage: str, shard: int, config_path: str, run_id: str, overrides: dict[str, Any]) -> list[str]:
     """The `babelsynth` CLI arguments that run one stage of one shard: what a pod runs."""
-    argv = ["run-stage", "--config", config_path, "--run-id", run_id, "--stage", stage, "--shard", str(int(shard))]
+    argv = [
+        "run-stage",
+        "--config",
+        config_path,
+        "--run-id",
+        run_id,
+        "--stage",
+        stage,
+        "--shard",
+        str(int(shard)),
+    ]
     for k, v in sorted(overrides.items()):
         argv += ["--set", f"{k}={json.dumps(v)}"]
     return argv

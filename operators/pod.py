@@ -27,13 +27,22 @@ class BabelsynthPodStageOperator(KubernetesPodOperator):
         if k8s.gpus:
             limits["nvidia.com/gpu"] = str(k8s.gpus)
         super().__init__(
-            name=f"babelsynth-{stage}", image=k8s.image, namespace=k8s.namespace, cmds=["babelsynth"],
-            container_resources=_resources(limits), node_selector=k8s.node_selector or None,
-            env_vars=dict(k8s.env) or None, env_from=[_secret_env(s) for s in k8s.env_from_secrets] or None,
-            service_account_name=k8s.service_account, deferrable=k8s.deferrable,
-            startup_timeout_seconds=k8s.startup_timeout_seconds, on_finish_action="delete_succeeded_pod",
-            do_xcom_push=False, get_logs=True, **kwargs,
-        )  # fmt: skip
+            name=f"babelsynth-{stage}",
+            image=k8s.image,
+            namespace=k8s.namespace,
+            cmds=["babelsynth"],
+            container_resources=_resources(limits),
+            node_selector=k8s.node_selector or None,
+            env_vars=dict(k8s.env) or None,
+            env_from=[_secret_env(s) for s in k8s.env_from_secrets] or None,
+            service_account_name=k8s.service_account,
+            deferrable=k8s.deferrable,
+            startup_timeout_seconds=k8s.startup_timeout_seconds,
+            on_finish_action="delete_succeeded_pod",
+            do_xcom_push=False,
+            get_logs=True,
+            **kwargs,
+        )
         self.stage, self.shard, self.pod_config_path = stage, shard, k8s.config_path
 
     def argv(self, context) -> list[str]:

@@ -35,6 +35,11 @@ class BabelsynthVenvStageOperator(ExternalPythonOperator):
 
     def execute(self, context):
         params = context["params"]
-        self.op_kwargs = {"config_path": ops.config_path(params), "overrides": ops.run_overrides(params),
-                          "run_key": context["run_id"], "stage": self.stage, "shard": int(self.shard)}  # fmt: skip
+        self.op_kwargs = {
+            "config_path": ops.config_path(params),
+            "overrides": ops.run_overrides(params),
+            "run_key": context["run_id"],
+            "stage": self.stage,
+            "shard": int(self.shard),
+        }
         return {"shard": int(self.shard), **super().execute(context)}

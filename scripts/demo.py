@@ -57,8 +57,11 @@ def main() -> int:
         n = write_samples(str(WORK / "input" / "samples.parquet"))
         print(f"{n} English samples (3 deliberately bad) -> {WORK / 'input' / 'samples.parquet'}")
     with step("airflow db migrate", times):
-        subprocess.run([str(Path(sys.executable).parent / "airflow"), "db", "migrate"], check=True,
-                       stdout=subprocess.DEVNULL)  # fmt: skip
+        subprocess.run(
+            [str(Path(sys.executable).parent / "airflow"), "db", "migrate"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
     teacher = VLLMServer(models["vlm"], served_model_name="tiny-aya-vision", work_dir=WORK / "vllm")
     llm = VLLMServer(models["llm"], served_model_name="tiny-llm", work_dir=WORK / "vllm")
     try:
@@ -77,7 +80,8 @@ def main() -> int:
             raise SystemExit(f"DAG import errors: {bag.import_errors}")
         with step("Airflow: babelsynth_generate (dag.test)", times):
             dr = bag.get_dag("babelsynth_generate").test(
-                run_conf={"teacher_url": teacher.url, "llm_url": llm.url})
+                run_conf={"teacher_url": teacher.url, "llm_url": llm.url}
+            )
             if dr.state != "success":
                 raise SystemExit(f"babelsynth_generate ended {dr.state}; see the log above")
             tis = {ti.task_id: ti for ti in dr.get_task_instances()}
@@ -91,7 +95,8 @@ def main() -> int:
         if tr.state != "success":
             raise SystemExit(f"babelsynth_train ended {tr.state}; see the log above")
         train_out = {ti.task_id: ti for ti in tr.get_task_instances()}["train_and_merge"].xcom_pull(
-            task_ids="train_and_merge")
+            task_ids="train_and_merge"
+        )
 
     from babelsynth import runner, storage
 

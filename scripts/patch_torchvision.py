@@ -47,7 +47,7 @@ def main() -> int:
     if spec is None or not spec.submodule_search_locations:
         print("torchvision not installed: nothing to patch")
         return 0
-    path = Path(list(spec.submodule_search_locations)[0]) / "_meta_registrations.py"
+    path = Path(next(iter(spec.submodule_search_locations))) / "_meta_registrations.py"
     if not path.exists():
         print(f"{path} not found: nothing to patch")
         return 0

@@ -52,7 +52,9 @@ def vllm_servers(models):
 
     py = _vllm_python()
     servers = {
-        "teacher": VLLMServer(models["vlm"], served_model_name="tiny-aya-vision", python=py, work_dir=WORK / "vllm"),
+        "teacher": VLLMServer(
+            models["vlm"], served_model_name="tiny-aya-vision", python=py, work_dir=WORK / "vllm"
+        ),
         "llm": VLLMServer(models["llm"], served_model_name="tiny-llm", python=py, work_dir=WORK / "vllm"),
     }
     try:
@@ -90,11 +92,15 @@ def make_config(models: dict, servers: dict, input_uri: str, output_uri: str, ca
     os.environ.update(env)
     try:
         base = {
-            "input_uri": input_uri, "output_uri": output_uri, "cache_dir": cache_dir,
-            "models.teacher.base_url": servers["teacher"].url, "models.judge.base_url": servers["llm"].url,
+            "input_uri": input_uri,
+            "output_uri": output_uri,
+            "cache_dir": cache_dir,
+            "models.teacher.base_url": servers["teacher"].url,
+            "models.judge.base_url": servers["llm"].url,
             "models.rephraser.base_url": servers["llm"].url,
-            "models.translator.path": models["nllb_ct2"], "models.comet.path": models["comet"],
-        }  # fmt: skip
+            "models.translator.path": models["nllb_ct2"],
+            "models.comet.path": models["comet"],
+        }
         return load_config(ROOT / "configs" / "demo.yaml", {**base, **over})
     finally:
         for k, v in old.items():

@@ -57,26 +57,43 @@ def test_generate_then_train_from_the_manifest(bag, af_env):
     out = tis[("commit", -1)].xcom_pull(task_ids="commit")
     man = json.loads(storage.read_bytes(out["manifest_uri"]))
     assert man["reconciliation"]["ok"] and man["input_records"] == 10
-    assert set(man["samples_by_lang"]) <= {"eng_Latn", "deu_Latn", "kor_Hang"} and "eng_Latn" in man["samples_by_lang"]
+    assert (
+        set(man["samples_by_lang"]) <= {"eng_Latn", "deu_Latn", "kor_Hang"}
+        and "eng_Latn" in man["samples_by_lang"]
+    )
 
     tr = bag.get_dag("babelsynth_train").test(run_conf={"manifest_uri": out["manifest_uri"]})
     assert tr.state == "success", _tis(tr)
-    res = {t.task_id: t for t in tr.get_task_instances()}["train_and_merge"].xcom_pull(task_ids="train_and_merge")
+    res = {t.task_id: t for t in tr.get_task_instances()}["train_and_merge"].xcom_pull(
+        task_ids="train_and_merge"
+    )
     ev = json.loads(open(res["eval_json"]).read())
     assert {"sft", "merged"} <= set(ev) and os.path.isdir(res["merged"]["merged"]["dir"])
 
 
 def test_fan_out_stays_within_the_mapping_bound(bag, af_env):
     """30 records with shard_size 1 would be 30 tasks per stage; max_shards=4 caps the fan-out at 4."""
-    conf = {"input_uri": af_env["input"], "limit": 30, "shard_size": 1, "max_shards": 4, "languages": ["ita_Latn"]}
+    conf = {
+        "input_uri": af_env["input"],
+        "limit": 30,
+        "shard_size": 1,
+        "max_shards": 4,
+        "languages": ["ita_Latn"],
+    }
     dr = bag.get_dag("babelsynth_generate").test(run_conf=conf)
     assert dr.state == "success", _tis(dr)
     mapped = {i for (tid, i, _) in _tis(dr) if tid == "shard.ingest"}
     assert mapped == {0, 1, 2, 3}
 
 
-@pytest.mark.parametrize("conf,field", [({"limit": 0}, "limit"), ({"languages": ["german"]}, "languages"),
-                                        ({"max_shards": 100000}, "max_shards")])  # fmt: skip
+@pytest.mark.parametrize(
+    "conf,field",
+    [
+        ({"limit": 0}, "limit"),
+        ({"languages": ["german"]}, "languages"),
+        ({"max_shards": 100000}, "max_shards"),
+    ],
+)
 def test_bad_params_are_rejected_at_trigger_time(bag, conf, field):
     from airflow.sdk.exceptions import ParamValidationError
 

@@ -78,8 +78,26 @@ def postgres():
     opts = f"-c listen_addresses=127.0.0.1 -p {port} -k {d} -c max_connections=100 -c fsync=off"
     run([str(pg_bin / "pg_ctl"), "-D", str(data), "-l", str(d / "pg.log"), "-w", "-o", opts, "start"])
     try:
-        psql = [str(pg_bin / "psql"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-v", "ON_ERROR_STOP=1"]
-        run([*psql, "-c", "CREATE USER airflow PASSWORD 'airflow'", "-c", "CREATE DATABASE airflow OWNER airflow"])
+        psql = [
+            str(pg_bin / "psql"),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-U",
+            "postgres",
+            "-v",
+            "ON_ERROR_STOP=1",
+        ]
+        run(
+            [
+                *psql,
+                "-c",
+                "CREATE USER airflow PASSWORD 'airflow'",
+                "-c",
+                "CREATE DATABASE airflow OWNER airflow",
+            ]
+        )
         print(f"postgres up on 127.0.0.1:{port} in {time.perf_counter() - t0:.1f}s")
         yield f"postgresql+psycopg2://airflow:airflow@127.0.0.1:{port}/airflow"
     finally:
@@ -98,8 +116,11 @@ class Stack:
         pw = json.loads((self.home / "simple_auth_manager_passwords.json.generated").read_text())["admin"]
         r = httpx.post(f"{self.url}/auth/token", json={"username": "admin", "password": pw}, timeout=30)
         r.raise_for_status()
-        self.client = httpx.Client(base_url=f"{self.url}/api/v2", timeout=60,
-                                   headers={"Authorization": f"Bearer {r.json()['access_token']}"})  # fmt: skip
+        self.client = httpx.Client(
+            base_url=f"{self.url}/api/v2",
+            timeout=60,
+            headers={"Authorization": f"Bearer {r.json()['access_token']}"},
+        )
 
     def get(self, path: str, **params) -> dict:
         r = self.client.get(path, params=params)
@@ -108,8 +129,10 @@ class Stack:
 
     def xcom(self, dag_id: str, run_id: str, task_id: str, map_index: int = -1):
         """A task's return value as stored (JSON-native in Airflow 3)."""
-        return self.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/return_value",
-                        map_index=map_index)["value"]  # fmt: skip
+        return self.get(
+            f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/return_value",
+            map_index=map_index,
+        )["value"]
 
     def wait_run(self, dag_id: str, run_id: str, timeout: float) -> dict:
         deadline = time.monotonic() + timeout
@@ -118,21 +141,28 @@ class Stack:
             if run["state"] in ("success", "failed"):
                 return run
             time.sleep(2)
-        raise AssertionError(f"{dag_id}/{run_id} not finished after {timeout}s: {self.states(dag_id, run_id)}")
+        raise AssertionError(
+            f"{dag_id}/{run_id} not finished after {timeout}s: {self.states(dag_id, run_id)}"
+        )
 
     def tis(self, dag_id: str, run_id: str) -> list[dict]:
         return self.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances", limit=1000)["task_instances"]
 
     def states(self, dag_id: str, run_id: str) -> list[tuple]:
-        return sorted((t["task_id"], t["map_index"], t["state"], t["try_number"]) for t in self.tis(dag_id, run_id))
+        return sorted(
+            (t["task_id"], t["map_index"], t["state"], t["try_number"]) for t in self.tis(dag_id, run_id)
+        )
 
     def failure_logs(self, dag_id: str, run_id: str) -> str:
         """The log of every failed try, for the assertion message."""
         out = []
         for task_id, map_index, state, tries in self.states(dag_id, run_id):
             if state in ("failed", "upstream_failed", "up_for_retry") and tries:
-                r = self.client.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{tries}",
-                                    params={"map_index": map_index}, headers={"Accept": "text/plain"})  # fmt: skip
+                r = self.client.get(
+                    f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{tries}",
+                    params={"map_index": map_index},
+                    headers={"Accept": "text/plain"},
+                )
                 out.append(f"--- {task_id}[{map_index}] try {tries}\n{r.text[-3000:]}")
         return "\n".join(out)
 
@@ -142,15 +172,22 @@ def _wait_healthy(url: str, procs: dict, home: Path, timeout: float = 240) -> No
     while time.monotonic() < deadline:
         for name, p in procs.items():
             if p.poll() is not None:
-                raise AssertionError(f"airflow {name} exited rc={p.returncode}:\n{_tail(home / f'{name}.log')}")
+                raise AssertionError(
+                    f"airflow {name} exited rc={p.returncode}:\n{_tail(home / f'{name}.log')}"
+                )
         try:
             h = httpx.get(f"{url}/api/v2/monitor/health", timeout=5).json()
-            if all((h.get(k) or {}).get("status") == "healthy" for k in ("metadatabase", "scheduler", "dag_processor")):
+            if all(
+                (h.get(k) or {}).get("status") == "healthy"
+                for k in ("metadatabase", "scheduler", "dag_processor")
+            ):
                 return
         except (httpx.HTTPError, ValueError):
             pass
         time.sleep(1)
-    raise AssertionError("Airflow not healthy in time:\n" + "\n".join(_tail(home / f"{n}.log") for n in procs))
+    raise AssertionError(
+        "Airflow not healthy in time:\n" + "\n".join(_tail(home / f"{n}.log") for n in procs)
+    )
 
 
 def _ts(iso: str) -> datetime:
@@ -224,8 +261,14 @@ def stack(postgres, models, vllm_servers, tmp_path_factory):
     try:
         for name in COMPONENTS:
             with open(home / f"{name}.log", "wb") as log:
-                procs[name] = subprocess.Popen([airflow, name], env=env, cwd=home, stdout=log,
-                                               stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+                procs[name] = subprocess.Popen(
+                    [airflow, name],
+                    env=env,
+                    cwd=home,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
         _wait_healthy(url, procs, home)
         print(f"airflow: migrate+pool {t_migrate:.1f}s, healthy after {time.perf_counter() - t0:.1f}s")
         s = Stack(url, home, out, env)
@@ -234,7 +277,9 @@ def stack(postgres, models, vllm_servers, tmp_path_factory):
         while {"babelsynth_generate", "babelsynth_train"} - {d["dag_id"] for d in s.get("/dags")["dags"]}:
             errs = s.get("/importErrors")
             assert errs["total_entries"] == 0, errs
-            assert time.monotonic() < deadline, "DAGs not parsed in 120 s:\n" + _tail(home / "dag-processor.log")
+            assert time.monotonic() < deadline, "DAGs not parsed in 120 s:\n" + _tail(
+                home / "dag-processor.log"
+            )
             time.sleep(1)
         print(f"airflow: DAGs parsed after {time.perf_counter() - t0:.1f}s")
         yield s
@@ -247,8 +292,11 @@ def stack(postgres, models, vllm_servers, tmp_path_factory):
 def test_bad_params_are_rejected_at_trigger_time(stack):
     """The REST API validates conf against the params' JSON schema: 400 with the param named, no run."""
     before = stack.get("/dags/babelsynth_generate/dagRuns")["total_entries"]
-    for conf, field in [({"limit": 0}, "limit"), ({"languages": ["german"]}, "languages"),
-                        ({"max_shards": 100000}, "max_shards")]:  # fmt: skip
+    for conf, field in [
+        ({"limit": 0}, "limit"),
+        ({"languages": ["german"]}, "languages"),
+        ({"max_shards": 100000}, "max_shards"),
+    ]:
         r = stack.client.post("/dags/babelsynth_generate/dagRuns", json={"logical_date": None, "conf": conf})
         assert r.status_code == 400, r.text
         detail = r.json()["detail"]
@@ -257,33 +305,51 @@ def test_bad_params_are_rejected_at_trigger_time(stack):
     assert stack.get("/dags/babelsynth_generate/dagRuns")["total_entries"] == before
 
 
-def test_rest_trigger_runs_generation_then_the_asset_triggers_training(stack, models, vllm_servers, sample_input):
+def test_rest_trigger_runs_generation_then_the_asset_triggers_training(
+    stack, models, vllm_servers, sample_input
+):
     t0 = time.perf_counter()
     run_id = "e2e_rest_params"
     conf = {
-        "input_uri": sample_input, "output_uri": str(stack.out / "runs"), "limit": 8, "shard_size": 4,
-        "languages": ["deu_Latn", "jpn_Jpan"], "teacher_url": vllm_servers["teacher"].url,
-        "llm_url": vllm_servers["llm"].url, "translator_path": models["nllb_ct2"], "comet_path": models["comet"],
-    }  # fmt: skip
-    r = stack.client.post("/dags/babelsynth_generate/dagRuns",
-                          json={"dag_run_id": run_id, "logical_date": None, "conf": conf})  # fmt: skip
+        "input_uri": sample_input,
+        "output_uri": str(stack.out / "runs"),
+        "limit": 8,
+        "shard_size": 4,
+        "languages": ["deu_Latn", "jpn_Jpan"],
+        "teacher_url": vllm_servers["teacher"].url,
+        "llm_url": vllm_servers["llm"].url,
+        "translator_path": models["nllb_ct2"],
+        "comet_path": models["comet"],
+    }
+    r = stack.client.post(
+        "/dags/babelsynth_generate/dagRuns", json={"dag_run_id": run_id, "logical_date": None, "conf": conf}
+    )
     assert r.status_code == 200, r.text
     assert r.json()["logical_date"] is None and r.json()["run_after"]  # a manual run: no logical date
 
     run = stack.wait_run("babelsynth_generate", run_id, timeout=420)
-    assert run["state"] == "success", (stack.states("babelsynth_generate", run_id),
-                                       stack.failure_logs("babelsynth_generate", run_id))  # fmt: skip
+    assert run["state"] == "success", (
+        stack.states("babelsynth_generate", run_id),
+        stack.failure_logs("babelsynth_generate", run_id),
+    )
     t_gen = time.perf_counter() - t0
     states = stack.states("babelsynth_generate", run_id)
     assert {(t, i) for t, i, *_ in states if t.startswith("shard.")} == {
-        (f"shard.{s}", i) for s in ("ingest", "recaption", "judge", "translate", "rephrase", "score", "write")
-        for i in (0, 1)}  # 8 records / 4 per shard: two mapped shards  # fmt: skip
+        (f"shard.{s}", i)
+        for s in ("ingest", "recaption", "judge", "translate", "rephrase", "score", "write")
+        for i in (0, 1)
+    }  # 8 records / 4 per shard: two mapped shards
 
     # model stages took slots of the 1-slot `gpu` pool: never two at once, although parallelism is 2
     tis = stack.tis("babelsynth_generate", run_id)
-    model = sorted((_ts(t["start_date"]), _ts(t["end_date"]), t["task_id"], t["map_index"]) for t in tis
-                   if t["task_id"].split(".")[-1] in MODEL_STAGES)  # fmt: skip
-    assert len(model) == 10 and all(t["pool"] == "gpu" for t in tis if t["task_id"].split(".")[-1] in MODEL_STAGES)
+    model = sorted(
+        (_ts(t["start_date"]), _ts(t["end_date"]), t["task_id"], t["map_index"])
+        for t in tis
+        if t["task_id"].split(".")[-1] in MODEL_STAGES
+    )
+    assert len(model) == 10 and all(
+        t["pool"] == "gpu" for t in tis if t["task_id"].split(".")[-1] in MODEL_STAGES
+    )
     for a, b in zip(model, model[1:]):
         assert a[1] <= b[0], f"{a[2:]} and {b[2:]} overlapped in the 1-slot gpu pool"
     by_id = {(t["task_id"], t["map_index"]): t for t in tis}
@@ -296,14 +362,19 @@ def test_rest_trigger_runs_generation_then_the_asset_triggers_training(stack, mo
     man = json.loads(storage.read_bytes(out["manifest_uri"]))
     assert man["reconciliation"]["ok"] and man["input_records"] == 8
     assert set(man["samples_by_lang"]) <= {"eng_Latn", "deu_Latn", "jpn_Jpan"}
-    for task_id in ("shard.ingest", "shard.translate"):  # the first ran via external_python, the other in the worker
+    for task_id in (
+        "shard.ingest",
+        "shard.translate",
+    ):  # the first ran via external_python, the other in the worker
         x = stack.xcom("babelsynth_generate", run_id, task_id, map_index=1)
         assert set(x) == {"shard", "stage", "in", "out", "rejected", "uri"} and x["shard"] == 1, x
         assert x["uri"].startswith(str(stack.out / "runs" / run_id / "_stages")) and os.path.exists(x["uri"])
     assert stack.xcom("babelsynth_generate", run_id, "shard.ingest", map_index=0)["in"] == 4
 
     # the commit's Asset event carries the manifest URI; the training DAG runs because of it
-    events = stack.get("/assets/events", source_dag_id="babelsynth_generate", source_run_id=run_id)["asset_events"]
+    events = stack.get("/assets/events", source_dag_id="babelsynth_generate", source_run_id=run_id)[
+        "asset_events"
+    ]
     assert [e["extra"]["manifest_uri"] for e in events] == [out["manifest_uri"]]
     assert events[0]["extra"]["run_after"] == run["run_after"].replace("Z", "+00:00")
     deadline, train_runs = time.monotonic() + 120, []
@@ -312,8 +383,10 @@ def test_rest_trigger_runs_generation_then_the_asset_triggers_training(stack, mo
         time.sleep(2)
     assert len(train_runs) == 1 and train_runs[0]["run_type"] == "asset_triggered", train_runs
     tr = stack.wait_run("babelsynth_train", train_runs[0]["dag_run_id"], timeout=420)
-    assert tr["state"] == "success", (stack.states("babelsynth_train", tr["dag_run_id"]),
-                                      stack.failure_logs("babelsynth_train", tr["dag_run_id"]))  # fmt: skip
+    assert tr["state"] == "success", (
+        stack.states("babelsynth_train", tr["dag_run_id"]),
+        stack.failure_logs("babelsynth_train", tr["dag_run_id"]),
+    )
     assert stack.xcom("babelsynth_train", tr["dag_run_id"], "manifest_uri") == out["manifest_uri"]
     res = stack.xcom("babelsynth_train", tr["dag_run_id"], "train_and_merge")
     ev = json.loads(Path(res["eval_json"]).read_text())

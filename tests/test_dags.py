@@ -10,7 +10,17 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DAG_FILES = sorted((ROOT / "dags").glob("*.py"))
-HEAVY = ("torch", "transformers", "ctranslate2", "comet", "vllm", "pyarrow", "lingua", "lexicalrichness", "PIL")
+HEAVY = (
+    "torch",
+    "transformers",
+    "ctranslate2",
+    "comet",
+    "vllm",
+    "pyarrow",
+    "lingua",
+    "lexicalrichness",
+    "PIL",
+)
 
 
 @pytest.fixture(scope="module")
@@ -110,9 +120,21 @@ def test_model_stages_take_gpu_pool_slots_and_xcom_is_small(bag):
     assert bag.dags["babelsynth_train"].get_task("train_and_merge").pool == "gpu"
     from operators.babelsynth_ops import compact
 
-    stats = {"stage": "translate", "in": 10, "out": 9, "rejected": 1, "by_lang": {"deu_Latn": {}}, "reasons": {}}
+    stats = {
+        "stage": "translate",
+        "in": 10,
+        "out": 9,
+        "rejected": 1,
+        "by_lang": {"deu_Latn": {}},
+        "reasons": {},
+    }
     assert compact(stats, "s3://b/r/_stages/translate/shard=00000.json.gz") == {
-        "stage": "translate", "in": 10, "out": 9, "rejected": 1, "uri": "s3://b/r/_stages/translate/shard=00000.json.gz"}  # fmt: skip
+        "stage": "translate",
+        "in": 10,
+        "out": 9,
+        "rejected": 1,
+        "uri": "s3://b/r/_stages/translate/shard=00000.json.gz",
+    }
 
 
 PLACEMENT_PROBE = """
@@ -130,7 +152,9 @@ def test_placement_config_puts_stages_in_pods_and_venvs(tmp_path):
     """configs/airflow.yaml (translate, score in pods) plus recaption in a venv: the DAG's shape follows."""
 
     conf = tmp_path / "airflow.yaml"
-    conf.write_text((ROOT / "configs" / "airflow.yaml").read_text().replace("recaption: worker", "recaption: venv"))
+    conf.write_text(
+        (ROOT / "configs" / "airflow.yaml").read_text().replace("recaption: worker", "recaption: venv")
+    )
     env = {**os.environ, "BABELSYNTH_AIRFLOW_CONFIG": str(conf), "PYTHONWARNINGS": "ignore"}
     code = PLACEMENT_PROBE.format(root=str(ROOT), dags=str(ROOT / "dags"))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=180)
@@ -174,16 +198,27 @@ def test_pod_runs_the_cli_argv_a_worker_would_run(tmp_path, sample_input, monkey
     from operators.pod import BabelsynthPodStageOperator
 
     (tmp_path / "kubeconfig").write_text(KUBECONFIG)  # never contacted: only read to build the pod object
-    for k, v in {"BABELSYNTH_WORK": str(tmp_path), "BABELSYNTH_MODELS": str(tmp_path / "models"),
-                 "BABELSYNTH_CONFIG": str(ROOT / "configs" / "demo.yaml")}.items():  # fmt: skip
+    for k, v in {
+        "BABELSYNTH_WORK": str(tmp_path),
+        "BABELSYNTH_MODELS": str(tmp_path / "models"),
+        "BABELSYNTH_CONFIG": str(ROOT / "configs" / "demo.yaml"),
+    }.items():
         monkeypatch.setenv(k, v)
-    k8s = load_placement(str(ROOT / "configs" / "airflow.yaml")).kubernetes.model_copy(update={"config_path": None})
+    k8s = load_placement(str(ROOT / "configs" / "airflow.yaml")).kubernetes.model_copy(
+        update={"config_path": None}
+    )
     run_id = "manual__2026-11-25T02:00:00+00:00"
     params = {"input_uri": sample_input, "limit": 6, "shard_size": 3, "languages": ["deu_Latn"]}
     pod_params, worker_params = ({**params, "output_uri": str(tmp_path / name)} for name in ("pod", "worker"))
 
-    op = BabelsynthPodStageOperator(task_id="ingest", stage="ingest", shard=1, k8s=k8s, pool="gpu",
-                                    config_file=str(tmp_path / "kubeconfig"))  # fmt: skip
+    op = BabelsynthPodStageOperator(
+        task_id="ingest",
+        stage="ingest",
+        shard=1,
+        k8s=k8s,
+        pool="gpu",
+        config_file=str(tmp_path / "kubeconfig"),
+    )
     ctx = {"params": pod_params, "run_id": run_id}
     argv = op.argv(ctx)
     op.arguments = argv
@@ -220,9 +255,15 @@ def test_fan_out_is_clamped_to_the_mapping_bound_whatever_the_config(tmp_path, m
     for k, v in {"BABELSYNTH_WORK": str(tmp_path), "BABELSYNTH_MODELS": str(tmp_path / "models")}.items():
         monkeypatch.setenv(k, v)
     cfg = tmp_path / "wide.yaml"
-    cfg.write_text((ROOT / "configs" / "demo.yaml").read_text().replace("shard_size: 16", "shard_size: 1\n  max_shards: 1000"))
+    cfg.write_text(
+        (ROOT / "configs" / "demo.yaml")
+        .read_text()
+        .replace("shard_size: 16", "shard_size: 1\n  max_shards: 1000")
+    )
     shards = ops.plan({"config_path": str(cfg), "input_uri": str(src)}, "wide")
-    assert ops.MAX_MAPPED == 256 and len(shards) == 200  # 3 records per shard; unclamped it would be 600 tasks
+    assert (
+        ops.MAX_MAPPED == 256 and len(shards) == 200
+    )  # 3 records per shard; unclamped it would be 600 tasks
 
 
 def test_vllm_endpoints_from_airflow_connections_params_win(monkeypatch):

@@ -19,7 +19,9 @@ def test_there_are_the_three_images():
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
 def test_hadolint_passes(path):
     exe = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
-    out = subprocess.run([exe, "--config", str(ROOT / ".hadolint.yaml"), str(path)], capture_output=True, text=True)
+    out = subprocess.run(
+        [exe, "--config", str(ROOT / ".hadolint.yaml"), str(path)], capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stdout + out.stderr
 
 
@@ -38,13 +40,18 @@ def test_airflow_image_has_no_torch():
 
 
 def test_airflow_image_pins_match_the_tested_freeze():
-    """The control-plane image installs the Airflow versions the test suite runs (requirements/main.lock.txt)."""
-    lock = dict(line.split("==", 1) for line in (ROOT / "requirements" / "main.lock.txt").read_text().splitlines()
-                if "==" in line and not line.startswith("#"))  # fmt: skip
+    """The control-plane image installs the Airflow versions the suite runs (requirements/main.lock.txt)."""
+    lock = dict(
+        line.split("==", 1)
+        for line in (ROOT / "requirements" / "main.lock.txt").read_text().splitlines()
+        if "==" in line and not line.startswith("#")
+    )
     for line in (ROOT / "requirements" / "airflow.txt").read_text().splitlines():
         if "==" in line and not line.startswith("#"):
             name, version = line.split("==", 1)
-            assert lock.get(name) == version, f"{name}=={version} in airflow.txt, {lock.get(name)} in main.lock.txt"
+            assert lock.get(name) == version, (
+                f"{name}=={version} in airflow.txt, {lock.get(name)} in main.lock.txt"
+            )
 
 
 def test_compose_builds_existing_images_and_mounts_existing_configs():

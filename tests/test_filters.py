@@ -2,9 +2,20 @@
 
 import pytest
 
-from babelsynth.filters import Candidate, check_recaption, extract_tag, rule_gt_contradiction, rule_missing_tag
-from babelsynth.filters import rule_prompt_echo, rule_refusal, rule_truncated, make_rule_empty, rule_repetition_loop
-from babelsynth.filters import merge_task_stats, task_stats
+from babelsynth.filters import (
+    Candidate,
+    check_recaption,
+    extract_tag,
+    make_rule_empty,
+    merge_task_stats,
+    rule_gt_contradiction,
+    rule_missing_tag,
+    rule_prompt_echo,
+    rule_refusal,
+    rule_repetition_loop,
+    rule_truncated,
+    task_stats,
+)
 
 
 def cand(text, raw=None, finish="stop", q="How many dogs are in the picture?", gt="3"):
@@ -18,8 +29,14 @@ def test_good_recaption_passes_every_rule():
     assert check_recaption(cand(GOOD)) == []
 
 
-@pytest.mark.parametrize("text", ["I'm sorry, I cannot help with that.", "As an AI, I cannot see images.",
-                                  "I am unable to view the image provided."])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "I'm sorry, I cannot help with that.",
+        "As an AI, I cannot see images.",
+        "I am unable to view the image provided.",
+    ],
+)
 def test_refusal_fires(text):
     assert rule_refusal(cand(text)) == "refusal"
 
@@ -29,8 +46,14 @@ def test_refusal_quiet_on_normal_text():
     assert rule_refusal(cand(GOOD)) is None
 
 
-@pytest.mark.parametrize("text", ["Given the reference answer, there are 3 dogs.", "The original caption says a dog.",
-                                  "Based on the ground truth the count is 3."])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Given the reference answer, there are 3 dogs.",
+        "The original caption says a dog.",
+        "Based on the ground truth the count is 3.",
+    ],
+)
 def test_prompt_echo_fires_on_template_words(text):
     assert rule_prompt_echo(cand(text)) == "prompt_echo"
 
@@ -59,14 +82,17 @@ def test_empty_output():
     assert rule(cand(GOOD)) is None
 
 
-@pytest.mark.parametrize("text,gt,fires", [
-    ("There are six people in the photo.", "5", True),
-    ("I count 5 people standing in a row.", "5", False),
-    ("Five people are standing in a row.", "5", False),
-    ("No, the light is not on.", "yes", True),
-    ("Yes, the light is on.", "yes", False),
-    ("The bar labelled C is the tallest.", "C", False),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "text,gt,fires",
+    [
+        ("There are six people in the photo.", "5", True),
+        ("I count 5 people standing in a row.", "5", False),
+        ("Five people are standing in a row.", "5", False),
+        ("No, the light is not on.", "yes", True),
+        ("Yes, the light is on.", "yes", False),
+        ("The bar labelled C is the tallest.", "C", False),
+    ],
+)
 def test_gt_contradiction(text, gt, fires):
     assert (rule_gt_contradiction(cand(text, gt=gt)) == "gt_contradiction") is fires
 
@@ -77,14 +103,17 @@ def test_extract_tag_takes_rest_when_unclosed():
     assert extract_tag("<translation>Bonjour</translation> trailing", "translation") == "Bonjour"
 
 
-@pytest.mark.parametrize("text,gt,fires", [
-    ("The answer is B because the bar is the tallest.", "C", True),
-    ("B) shows the tallest bar.", "(C)", True),
-    ("The answer is (C): that bar is the tallest.", "C", False),
-    ("Option C shows it, not option A.", "C.", False),  # the GT letter is among the picks
-    ("The answer is a red square.", "C", False),  # the article "a" is not an option letter
-    ("The tallest bar is the third one.", "C", False),  # no pick named: nothing to contradict
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "text,gt,fires",
+    [
+        ("The answer is B because the bar is the tallest.", "C", True),
+        ("B) shows the tallest bar.", "(C)", True),
+        ("The answer is (C): that bar is the tallest.", "C", False),
+        ("Option C shows it, not option A.", "C.", False),  # the GT letter is among the picks
+        ("The answer is a red square.", "C", False),  # the article "a" is not an option letter
+        ("The tallest bar is the third one.", "C", False),  # no pick named: nothing to contradict
+    ],
+)
 def test_gt_contradiction_multiple_choice_letter(text, gt, fires):
     assert (rule_gt_contradiction(cand(text, gt=gt)) == "gt_contradiction") is fires
 
@@ -106,26 +135,61 @@ def test_prompt_echo_quiet_on_the_plain_answer():
 
 
 def test_task_stats_merge_sums_counters_and_recomputes_ratios():
-    a = task_stats({"vqa": {"records": 4, "stage1_dropped": 1, "measured": 3, "words_before": 3, "words_after": 60,
-                            "mtld_after_sum": 90.0, "mtld_after_n": 3}})  # fmt: skip
-    b = task_stats({"vqa": {"records": 6, "stage1_dropped": 0, "measured": 6, "words_before": 6, "words_after": 60,
-                            "mtld_after_sum": 60.0, "mtld_after_n": 6},
-                    "ocr": {"records": 2, "stage1_dropped": 2, "measured": 0, "words_before": 0, "words_after": 0}})  # fmt: skip
+    a = task_stats(
+        {
+            "vqa": {
+                "records": 4,
+                "stage1_dropped": 1,
+                "measured": 3,
+                "words_before": 3,
+                "words_after": 60,
+                "mtld_after_sum": 90.0,
+                "mtld_after_n": 3,
+            }
+        }
+    )
+    b = task_stats(
+        {
+            "vqa": {
+                "records": 6,
+                "stage1_dropped": 0,
+                "measured": 6,
+                "words_before": 6,
+                "words_after": 60,
+                "mtld_after_sum": 60.0,
+                "mtld_after_n": 6,
+            },
+            "ocr": {"records": 2, "stage1_dropped": 2, "measured": 0, "words_before": 0, "words_after": 0},
+        }
+    )
     assert a["vqa"]["stage1_drop_rate"] == 0.25 and a["vqa"]["words_after_mean"] == 20.0
     assert b["all"]["records"] == 8 and b["ocr"]["words_before_mean"] is None  # nothing measured: no mean
     acc = merge_task_stats(merge_task_stats({}, a), b)
     assert acc["vqa"]["records"] == 10 and acc["vqa"]["stage1_drop_rate"] == 0.1  # not 0.25 + 0.0
-    assert acc["vqa"]["words_after_mean"] == round(120 / 9, 4) and acc["vqa"]["mtld_after_mean"] == round(150 / 9, 4)
+    assert acc["vqa"]["words_after_mean"] == round(120 / 9, 4) and acc["vqa"]["mtld_after_mean"] == round(
+        150 / 9, 4
+    )
     assert acc["all"]["records"] == 12 and acc["all"]["stage1_drop_rate"] == 0.25
 
 
 def test_runner_merges_by_task_into_the_manifest_stats():
     from babelsynth.runner import _merge_stats
 
-    shard = {"in": 4, "out": 3, "rejected": 1, "seconds": 1.0, "reasons": {"refusal": 1}, "by_lang": {},
-             "requests_sent": 5, "by_task": task_stats({"vqa": {"records": 4, "stage1_dropped": 1}})}  # fmt: skip
+    shard = {
+        "in": 4,
+        "out": 3,
+        "rejected": 1,
+        "seconds": 1.0,
+        "reasons": {"refusal": 1},
+        "by_lang": {},
+        "requests_sent": 5,
+        "by_task": task_stats({"vqa": {"records": 4, "stage1_dropped": 1}}),
+    }
     acc: dict = {}
     _merge_stats(acc, shard)
     _merge_stats(acc, shard)
-    assert acc["requests_sent"] == 10 and acc["by_task"]["vqa"] == {"records": 8, "stage1_dropped": 2,
-                                                                     "stage1_drop_rate": 0.25}  # fmt: skip
+    assert acc["requests_sent"] == 10 and acc["by_task"]["vqa"] == {
+        "records": 8,
+        "stage1_dropped": 2,
+        "stage1_drop_rate": 0.25,
+    }

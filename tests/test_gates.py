@@ -45,13 +45,30 @@ TRAIN = {
 }
 # Off-target: the closest language the detector could confuse (same script where there is one).
 NEIGHBOUR = {
-    "spa_Latn": "por_Latn", "por_Latn": "spa_Latn", "ita_Latn": "spa_Latn", "fra_Latn": "ita_Latn",
-    "ron_Latn": "ita_Latn", "deu_Latn": "nld_Latn", "nld_Latn": "deu_Latn", "ces_Latn": "pol_Latn",
-    "pol_Latn": "ces_Latn", "rus_Cyrl": "ukr_Cyrl", "ukr_Cyrl": "rus_Cyrl", "arb_Arab": "pes_Arab",
-    "pes_Arab": "arb_Arab", "jpn_Jpan": "zho_Hans", "kor_Hang": "jpn_Jpan", "zho_Hans": "jpn_Jpan",
-    "zho_Hant": "jpn_Jpan", "ind_Latn": "tur_Latn", "tur_Latn": "ind_Latn", "vie_Latn": "ind_Latn",
-    "heb_Hebr": "arb_Arab", "hin_Deva": "pes_Arab", "ell_Grek": "rus_Cyrl",
-}  # fmt: skip
+    "spa_Latn": "por_Latn",
+    "por_Latn": "spa_Latn",
+    "ita_Latn": "spa_Latn",
+    "fra_Latn": "ita_Latn",
+    "ron_Latn": "ita_Latn",
+    "deu_Latn": "nld_Latn",
+    "nld_Latn": "deu_Latn",
+    "ces_Latn": "pol_Latn",
+    "pol_Latn": "ces_Latn",
+    "rus_Cyrl": "ukr_Cyrl",
+    "ukr_Cyrl": "rus_Cyrl",
+    "arb_Arab": "pes_Arab",
+    "pes_Arab": "arb_Arab",
+    "jpn_Jpan": "zho_Hans",
+    "kor_Hang": "jpn_Jpan",
+    "zho_Hans": "jpn_Jpan",
+    "zho_Hant": "jpn_Jpan",
+    "ind_Latn": "tur_Latn",
+    "tur_Latn": "ind_Latn",
+    "vie_Latn": "ind_Latn",
+    "heb_Hebr": "arb_Arab",
+    "hin_Deva": "pes_Arab",
+    "ell_Grek": "rus_Cyrl",
+}
 # Wrong script: the right language written in another script.
 WRONG_SCRIPT = {
     "zho_Hans": TRAIN["zho_Hant"],
@@ -90,12 +107,21 @@ def cfg():
 def scored(text: str, lang: str, source: str) -> dict:
     """A row as the score stage stores it (same metric calls), without COMET."""
     cand = metrics.langid_candidates(AYA_TARGETS)
-    (lid, conf), = metrics.langid([text], [lang], cand)
+    ((lid, conf),) = metrics.langid([text], [lang], cand)
     m, n = metrics.mtld(text, lang)
-    return {"lang": lang, "answer": text, "answer_en": source, "comet_final": None, "mtld": m, "mtld_tokens": n,
-            "langid_lang": lid, "langid_conf": conf, "langid_chars": metrics.langid_chars(text),
-            "length_ratio": None if lang == SOURCE_LANG else metrics.length_ratio(text, source),
-            "repetition": metrics.repetition(text, lang)}  # fmt: skip
+    return {
+        "lang": lang,
+        "answer": text,
+        "answer_en": source,
+        "comet_final": None,
+        "mtld": m,
+        "mtld_tokens": n,
+        "langid_lang": lid,
+        "langid_conf": conf,
+        "langid_chars": metrics.langid_chars(text),
+        "length_ratio": None if lang == SOURCE_LANG else metrics.length_ratio(text, source),
+        "repetition": metrics.repetition(text, lang),
+    }
 
 
 def _fails(cfg, row) -> set[str]:
@@ -127,8 +153,15 @@ def test_wrong_script_fails_langid(cfg, lang):
     row = scored(WRONG_SCRIPT[lang], lang, TRAIN[SOURCE_LANG])
     assert "langid" in _fails(cfg, row) and row["langid_lang"] != lang, row
     if lang.startswith("zho_"):  # the right language in the wrong script scores zero
-        assert row["langid_lang"] == ("zho_Hant" if lang == "zho_Hans" else "zho_Hans") and row["langid_conf"] == 0.0
-    doc = scored(DOC["zho_Hant" if lang == "zho_Hans" else "zho_Hans"], lang, DOC[SOURCE_LANG]) if lang.startswith("zho_") else None
+        assert (
+            row["langid_lang"] == ("zho_Hant" if lang == "zho_Hans" else "zho_Hans")
+            and row["langid_conf"] == 0.0
+        )
+    doc = (
+        scored(DOC["zho_Hant" if lang == "zho_Hans" else "zho_Hans"], lang, DOC[SOURCE_LANG])
+        if lang.startswith("zho_")
+        else None
+    )
     assert doc is None or "langid" in _fails(cfg, doc)
 
 
@@ -150,7 +183,9 @@ def test_repetition_loops_fail_and_low_diversity_fails_mtld(cfg, lang):
     loop = TRAIN[lang] + sep + sep.join([sep.join(toks[:2])] * 6)  # the decoder's "sorry sorry sorry ..."
     row = scored(loop, lang, TRAIN[SOURCE_LANG] + " Thanks.")
     assert "repetition" in _fails(cfg, row) and row["repetition"] == 1.0, row
-    cyclic = _join(lang, [_join(lang, _corpus(lang)[:1])] * 14)  # one sentence over and over: a loop and a poor doc
+    cyclic = _join(
+        lang, [_join(lang, _corpus(lang)[:1])] * 14
+    )  # one sentence over and over: a loop and a poor doc
     row = scored(cyclic, lang, DOC[SOURCE_LANG])
     assert {"repetition", "mtld"} <= _fails(cfg, row), row
     assert row["mtld_tokens"] >= cfg.gates.mtld.min_tokens and row["mtld"] < cfg.gates.mtld.min
@@ -161,7 +196,12 @@ def test_im_sorry_loop_scores_one_and_fresh_text_zero():
     assert metrics.repetition("I'm sorry, but I'm not sure what you mean.", SOURCE_LANG) == 0.0
     assert metrics.repetition("very very good", SOURCE_LANG) == 0.0  # emphasis is not a loop
     assert metrics.repetition("| 0 | 0 | 0 | 0 | 0 |", SOURCE_LANG) == 0.0  # a table of zeros is not a loop
-    assert metrics.repetition(DOC["fra_Latn"] + " de la maison de la maison de la maison de la maison", "fra_Latn") == 1.0
+    assert (
+        metrics.repetition(
+            DOC["fra_Latn"] + " de la maison de la maison de la maison de la maison", "fra_Latn"
+        )
+        == 1.0
+    )
 
 
 def test_cjk_mtld_uses_real_words_not_one_blob_or_characters():
@@ -185,9 +225,13 @@ def test_comet_gate_absolute_per_language_and_run_quantile(cfg):
     run = comet_thresholds(c, ["fra_Latn", "deu_Latn"], scores)
     assert run == {"fra_Latn": pytest.approx(0.2), "deu_Latn": 0.7}
     assert quantile([3.0, 1.0, 2.0, 4.0], 0.5) == 2.5
-    rows = [{"lang": "fra_Latn", "source_id": str(i), "comet_final": s} for i, s in enumerate(scores["fra_Latn"])]
+    rows = [
+        {"lang": "fra_Latn", "source_id": str(i), "comet_final": s} for i, s in enumerate(scores["fra_Latn"])
+    ]
     kept, rejected = apply_gates(rows, c, run)
-    assert [r["comet_final"] for r in kept] == [0.2, 0.3, 0.4, 0.5] and [r["reason"] for r in rejected] == ["gate_comet"]
+    assert [r["comet_final"] for r in kept] == [0.2, 0.3, 0.4, 0.5] and [r["reason"] for r in rejected] == [
+        "gate_comet"
+    ]
     c.gates.comet.mode = "report"
     kept, rejected = apply_gates(rows, c, run)
     assert not rejected and kept[0]["gate_flags"] == ["gate_comet"] and kept[1]["gate_flags"] == []
@@ -199,8 +243,10 @@ def test_comet_gate_config_is_validated(monkeypatch):
     with pytest.raises(ValueError, match="threshold or quantile"):
         load_config("configs/demo.yaml", {"gates.comet.quantile": 0.1})  # demo sets an absolute threshold
     with pytest.raises(ValueError, match="per_lang_quantile"):
-        load_config("configs/demo.yaml", {"gates.comet.per_lang": {"deu_Latn": 0.5},
-                                          "gates.comet.per_lang_quantile": {"deu_Latn": 0.1}})  # fmt: skip
+        load_config(
+            "configs/demo.yaml",
+            {"gates.comet.per_lang": {"deu_Latn": 0.5}, "gates.comet.per_lang_quantile": {"deu_Latn": 0.1}},
+        )
     with pytest.raises(ValueError, match="min < max"):
         load_config("configs/demo.yaml", {"gates.length_ratio.per_lang": {"deu_Latn": [2.0, 1.0]}})
 
@@ -218,32 +264,61 @@ def test_report_mode_keeps_and_flags_enforce_mode_drops(cfg):
 def test_language_summary_has_the_papers_shape_and_gate_pass_rates(cfg):
     from babelsynth.regate import LanguageSummary
 
-    rows = [{"lang": "fra_Latn", "source_id": str(i), "comet_draft": d, "comet_rephrase": r, "comet_final": max(d, r),
-             "selected": "rephrase" if r >= d else "draft", "mtld": 40.0 + i, "mtld_tokens": 60 if i else 10,
-             "length_ratio": 1.0, "repetition": 0.0 if i < 3 else 0.9}
-            for i, (d, r) in enumerate([(0.5, 0.7), (0.6, 0.8), (0.7, 0.6), (0.4, 0.9)])]  # fmt: skip
+    rows = [
+        {
+            "lang": "fra_Latn",
+            "source_id": str(i),
+            "comet_draft": d,
+            "comet_rephrase": r,
+            "comet_final": max(d, r),
+            "selected": "rephrase" if r >= d else "draft",
+            "mtld": 40.0 + i,
+            "mtld_tokens": 60 if i else 10,
+            "length_ratio": 1.0,
+            "repetition": 0.0 if i < 3 else 0.9,
+        }
+        for i, (d, r) in enumerate([(0.5, 0.7), (0.6, 0.8), (0.7, 0.6), (0.4, 0.9)])
+    ]
     kept, rejected = apply_gates(rows, cfg, {"fra_Latn": 0.75})  # finals 0.7 0.8 0.7 0.9; the last one loops
     s = LanguageSummary(cfg, {"fra_Latn": 0.75})
     s.add(kept, rejected)
     out = s.result()["fra_Latn"]
     assert out["rows"] == 4 and out["kept"] == 1 and [r["source_id"] for r in kept] == ["1"]
     assert out["comet_draft"] == pytest.approx(0.55) and out["comet_rephrase"] == pytest.approx(0.75)
-    assert out["comet_final"] == pytest.approx((0.7 + 0.8 + 0.7 + 0.9) / 4) and out["rephrase_selected"] == 0.75
-    assert out["pass_rate"]["comet"] == 0.5 and out["pass_rate"]["repetition"] == 0.75 and out["comet_min"] == 0.75
+    assert (
+        out["comet_final"] == pytest.approx((0.7 + 0.8 + 0.7 + 0.9) / 4) and out["rephrase_selected"] == 0.75
+    )
+    assert (
+        out["pass_rate"]["comet"] == 0.5
+        and out["pass_rate"]["repetition"] == 0.75
+        and out["comet_min"] == 0.75
+    )
     assert out["pass_rate"]["langid"] is None and out["gate_rows"]["mtld"] == 3  # one doc too short for MTLD
     assert out["mtld"] == pytest.approx(42.0)
 
 
 # ------------------------------------------------------------------------------------------------ regate
-_MODEL_MODULES = ("torch", "comet", "ctranslate2", "transformers", "lingua", "lexicalrichness", "icu4py", "httpx")
+_MODEL_MODULES = (
+    "torch",
+    "comet",
+    "ctranslate2",
+    "transformers",
+    "lingua",
+    "lexicalrichness",
+    "icu4py",
+    "httpx",
+)
 
 
 def _vllm_requests(server) -> float:
     import httpx
 
     text = httpx.get(f"{server.root_url}/metrics", timeout=10).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("vllm:request_success_total"))  # fmt: skip
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("vllm:request_success_total")
+    )
 
 
 def _cache_rows(path: Path) -> int:
@@ -260,9 +335,13 @@ def _regate_cli(cfg_file: Path, run_id: str, *sets: str) -> list[str]:
     import sys
 
     argv = ["regate", "--config", str(cfg_file), "--run-id", run_id] + [a for s in sets for a in ("--set", s)]
-    code = ("import json, sys\nfrom babelsynth.cli import main\nmain(json.loads(sys.argv[1]))\n"
-            f"print('LOADED=' + json.dumps(sorted(m for m in {list(_MODEL_MODULES)!r} if m in sys.modules)))")  # fmt: skip
-    p = subprocess.run([sys.executable, "-c", code, json.dumps(argv)], capture_output=True, text=True, timeout=600)
+    code = (
+        "import json, sys\nfrom babelsynth.cli import main\nmain(json.loads(sys.argv[1]))\n"
+        f"print('LOADED=' + json.dumps(sorted(m for m in {list(_MODEL_MODULES)!r} if m in sys.modules)))"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(argv)], capture_output=True, text=True, timeout=600
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     return json.loads(p.stdout.rsplit("LOADED=", 1)[1])
 
@@ -286,9 +365,19 @@ def finished_run(models, vllm_servers, sample_input, tmp_path_factory):
     from tests.conftest import make_config
 
     out = tmp_path_factory.mktemp("regate")
-    cfg = make_config(models, vllm_servers, sample_input, str(out / "runs"), str(out / "cache"),
-                      **{"run.limit": 10, "run.shard_size": 4, "run.language_ratio": 1.0,
-                         "run.languages": ["deu_Latn", "jpn_Jpan", "zho_Hans", "zho_Hant"]})  # fmt: skip
+    cfg = make_config(
+        models,
+        vllm_servers,
+        sample_input,
+        str(out / "runs"),
+        str(out / "cache"),
+        **{
+            "run.limit": 10,
+            "run.shard_size": 4,
+            "run.language_ratio": 1.0,
+            "run.languages": ["deu_Latn", "jpn_Jpan", "zho_Hans", "zho_Hant"],
+        },
+    )
     manifest = runner.run_all(cfg, "regate-test")
     cfg_file = out / "config.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
@@ -308,10 +397,19 @@ def test_regate_rewrites_kept_and_rejected_without_any_model_call(finished_run):
     assert m0["reconciliation"]["ok"] and m0["stages"]["score"]["rejected"] == 0  # demo: gates report
     lang_summary = m0["languages"]["deu_Latn"]
     assert lang_summary["rows"] == m0["samples_by_lang"]["deu_Latn"] and set(lang_summary["pass_rate"]) == {
-        "comet", "mtld", "langid", "length_ratio", "repetition"}
+        "comet",
+        "mtld",
+        "langid",
+        "length_ratio",
+        "repetition",
+    }
     assert "quality (COMET mean draft -> final" in runner.summary(m0)
     # Expected outcome, from the stored float64 scores: per language drop comet_final < run median.
-    scored = [r for s in range(m0["shards"]) for r in runner._load(str(root / f"_stages/score/shard={s:05d}.json.gz"))["rows"]]
+    scored = [
+        r
+        for s in range(m0["shards"])
+        for r in runner._load(str(root / f"_stages/score/shard={s:05d}.json.gz"))["rows"]
+    ]
     from babelsynth.stages.score import quantile
 
     by_lang: dict[str, list[float]] = {}
@@ -319,31 +417,65 @@ def test_regate_rewrites_kept_and_rejected_without_any_model_call(finished_run):
         if r["lang"] != SOURCE_LANG:
             by_lang.setdefault(r["lang"], []).append(r["comet_final"])
     cut = {lg: quantile(v, 0.5) for lg, v in by_lang.items()}
-    expect_kept = {(r["source_id"], r["lang"]) for r in scored if r["lang"] == SOURCE_LANG or r["comet_final"] >= cut[r["lang"]]}
+    expect_kept = {
+        (r["source_id"], r["lang"])
+        for r in scored
+        if r["lang"] == SOURCE_LANG or r["comet_final"] >= cut[r["lang"]]
+    }
     assert 0 < len(expect_kept) < len(scored)
-    before = (_vllm_requests(servers["teacher"]), _vllm_requests(servers["llm"]), _cache_rows(Path(cfg.cache_dir) / "requests.sqlite"))
+    before = (
+        _vllm_requests(servers["teacher"]),
+        _vllm_requests(servers["llm"]),
+        _cache_rows(Path(cfg.cache_dir) / "requests.sqlite"),
+    )
     assert min(before) > 0  # the counters are live: the run itself made requests and cached them
-    loaded = _regate_cli(cfg_file, "regate-test", "gates.comet.mode=enforce", "gates.comet.threshold=null",
-                         "gates.comet.quantile=0.5")  # fmt: skip
+    loaded = _regate_cli(
+        cfg_file,
+        "regate-test",
+        "gates.comet.mode=enforce",
+        "gates.comet.threshold=null",
+        "gates.comet.quantile=0.5",
+    )
     assert loaded == []  # no model library was even imported
-    after = (_vllm_requests(servers["teacher"]), _vllm_requests(servers["llm"]), _cache_rows(Path(cfg.cache_dir) / "requests.sqlite"))
+    after = (
+        _vllm_requests(servers["teacher"]),
+        _vllm_requests(servers["llm"]),
+        _cache_rows(Path(cfg.cache_dir) / "requests.sqlite"),
+    )
     assert after == before  # no request reached a model server, nothing new in the request cache
     m1 = json.loads((root / "manifest.json").read_text())
     assert m1["reconciliation"] == {"ok": True, "errors": []}
     assert set(_samples(m1)) == expect_kept
     assert m1["gates"]["comet_min"] == pytest.approx(cut)
     sc = m1["stages"]["score"]
-    assert sc["out"] == len(expect_kept) and sc["rejected"] == len(scored) - len(expect_kept) == sc["reasons"]["gate_comet"]
-    assert m1["stages"]["ingest"] == m0["stages"]["ingest"] and m1["stages"]["translate"] == m0["stages"]["translate"]
-    rejected = [r for f in m1["files"] if f["table"] == "rejected" for r in pq.read_table(root / f["path"]).to_pylist()]
+    assert (
+        sc["out"] == len(expect_kept)
+        and sc["rejected"] == len(scored) - len(expect_kept) == sc["reasons"]["gate_comet"]
+    )
+    assert (
+        m1["stages"]["ingest"] == m0["stages"]["ingest"]
+        and m1["stages"]["translate"] == m0["stages"]["translate"]
+    )
+    rejected = [
+        r
+        for f in m1["files"]
+        if f["table"] == "rejected"
+        for r in pq.read_table(root / f["path"]).to_pylist()
+    ]
     assert {(r["source_id"], r["lang"]) for r in rejected if r["reason"] == "gate_comet"} == {
-        (r["source_id"], r["lang"]) for r in scored} - expect_kept
+        (r["source_id"], r["lang"]) for r in scored
+    } - expect_kept
     on_disk = {str(p.relative_to(root)) for p in root.glob("samples/*/*.parquet")} | {
-        str(p.relative_to(root)) for p in root.glob("rejected/*.parquet")}
-    assert on_disk == {f["path"] for f in m1["files"] if f["table"] in ("samples", "rejected")}  # no stale file
+        str(p.relative_to(root)) for p in root.glob("rejected/*.parquet")
+    }
+    assert on_disk == {
+        f["path"] for f in m1["files"] if f["table"] in ("samples", "rejected")
+    }  # no stale file
     assert len(storage.list_prefix(str(root / "_stages" / "regate"))) == 1  # the replaced manifest is kept
     for lang, s in m1["languages"].items():
-        assert s["kept"] == sum(k[1] == lang for k in expect_kept) and s["rows"] == m0["languages"][lang]["rows"]
+        assert (
+            s["kept"] == sum(k[1] == lang for k in expect_kept) and s["rows"] == m0["languages"][lang]["rows"]
+        )
 
     # Back to the run's own gates: the same files as the original run, byte for byte.
     assert _regate_cli(cfg_file, "regate-test") == []
@@ -360,5 +492,5 @@ def test_regate_refuses_a_config_that_changes_more_than_gates(finished_run):
     cfg, _, _, _ = finished_run
     other = cfg.model_copy(deep=True)
     other.rephrase.selection_margin = 0.5
-    with pytest.raises(ValueError, match="rephrase.selection_margin"):
+    with pytest.raises(ValueError, match=r"rephrase\.selection_margin"):
         regate(other, "regate-test")

@@ -31,11 +31,22 @@ def models(models_root: Path) -> dict[str, str]:
     return B.build_all(models_root)
 
 
-# ------------------------------------------------------------------------------------------------------ corpus
+# ------------------------------------------------------------------------------------------------------
+# corpus
 
 # The dominant Unicode script (first word of the character name) expected in each corpus file.
-_SCRIPT = {"Arab": "ARABIC", "Latn": "LATIN", "Grek": "GREEK", "Hebr": "HEBREW", "Deva": "DEVANAGARI",
-           "Cyrl": "CYRILLIC", "Hang": "HANGUL", "Hans": "CJK", "Hant": "CJK", "Jpan": "HIRAGANA"}  # fmt: skip
+_SCRIPT = {
+    "Arab": "ARABIC",
+    "Latn": "LATIN",
+    "Grek": "GREEK",
+    "Hebr": "HEBREW",
+    "Deva": "DEVANAGARI",
+    "Cyrl": "CYRILLIC",
+    "Hang": "HANGUL",
+    "Hans": "CJK",
+    "Hant": "CJK",
+    "Jpan": "HIRAGANA",
+}
 
 
 @pytest.mark.parametrize("code", B.CORPUS_CODES)
@@ -56,7 +67,8 @@ def test_corpus_traditional_differs_from_simplified() -> None:
     assert "pes_Arab" in B.CORPUS_CODES and "\u064a" not in "".join(B.corpus_lines(["pes_Arab"])["pes_Arab"])
 
 
-# ------------------------------------------------------------------------------------------------------ NLLB / CT2
+# ------------------------------------------------------------------------------------------------------ NLLB
+# / CT2
 
 
 def test_ct2_translates_into_all_targets_without_torch(models: dict[str, str]) -> None:
@@ -95,8 +107,11 @@ def test_nllb_hf_tokenizer_carries_flores_codes(models: dict[str, str]) -> None:
 
 
 def _tree_digest(d: Path) -> dict[str, str]:
-    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(d.rglob("*")) if p.is_file()}  # fmt: skip
+    return {
+        str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(d.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_build_cache_skips_then_rebuilds_on_stamp_change(models: dict[str, str], models_root: Path) -> None:
@@ -117,8 +132,9 @@ def test_build_cache_skips_then_rebuilds_on_stamp_change(models: dict[str, str],
     assert not list(models_root.glob(".*.tmp-*")) and not list(models_root.glob(".*.old-*"))
 
 
-def test_crashed_build_leaves_no_valid_looking_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                     models_root: Path, models: dict[str, str]) -> None:  # fmt: skip
+def test_crashed_build_leaves_no_valid_looking_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, models_root: Path, models: dict[str, str]
+) -> None:
     def boom(out_dir: Path) -> Path:
         (Path(out_dir) / "ct2").mkdir(parents=True)
         (Path(out_dir) / "ct2" / "model.bin").write_bytes(b"half")
@@ -165,7 +181,8 @@ def test_cometkiwi_loads_offline_and_scores(models: dict[str, str]) -> None:
     assert again.scores == pytest.approx(out.scores, abs=1e-6)
 
 
-# ------------------------------------------------------------------------------------------------------ Aya Vision
+# ------------------------------------------------------------------------------------------------------ Aya
+# Vision
 
 
 def test_vlm_generates_from_image_in_transformers(models: dict[str, str]) -> None:
@@ -175,7 +192,9 @@ def test_vlm_generates_from_image_in_transformers(models: dict[str, str]) -> Non
     proc = AutoProcessor.from_pretrained(models["vlm"])
     model = AutoModelForImageTextToText.from_pretrained(models["vlm"]).eval()
     assert type(model).__name__ == "AyaVisionForConditionalGeneration"
-    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in this image?"}]}]
+    msgs = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in this image?"}]}
+    ]
     prompt = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
     assert prompt.count("<image>") == 1 and prompt.endswith("<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>")
     inputs = proc(images=[B.sample_image()], text=[prompt], return_tensors="pt")
@@ -184,7 +203,9 @@ def test_vlm_generates_from_image_in_transformers(models: dict[str, str]) -> Non
         out = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
     assert out.shape[1] - inputs["input_ids"].shape[1] == 4
     # plain string content renders too
-    s = proc.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
+    s = proc.apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False
+    )
     assert "hi" in s and "<image>" not in s
 
 
@@ -219,7 +240,8 @@ def test_aya_tokenizer_is_multilingual_bpe(models: dict[str, str]) -> None:
         assert len(ids) < len(lines[0]), code  # merges were learned for every language
 
 
-# ------------------------------------------------------------------------------------------------------ vLLM server
+# ------------------------------------------------------------------------------------------------------ vLLM
+# server
 
 
 def test_vllm_server_command_and_env(models: dict[str, str], tmp_path: Path) -> None:
@@ -233,7 +255,9 @@ def test_vllm_server_command_and_env(models: dict[str, str], tmp_path: Path) -> 
     assert srv.url == "http://127.0.0.1:8123/v1"
     env = srv.child_env()
     assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0" and env["HF_HUB_OFFLINE"] == "1"
-    assert env["VLLM_CACHE_ROOT"].startswith(str(tmp_path)) and env["XDG_CACHE_HOME"].startswith(str(tmp_path))
+    assert env["VLLM_CACHE_ROOT"].startswith(str(tmp_path)) and env["XDG_CACHE_HOME"].startswith(
+        str(tmp_path)
+    )
     text = VLLMServer(models["llm"], python="/x/python", work_dir=tmp_path)
     assert "--limit-mm-per-prompt" not in text.command() and text.port > 0
 
@@ -241,7 +265,7 @@ def test_vllm_server_command_and_env(models: dict[str, str], tmp_path: Path) -> 
 def test_vllm_server_reports_early_death_with_log_tail(models: dict[str, str], tmp_path: Path) -> None:
     # The test interpreter has no vllm: the child dies at once and the error must carry the log tail.
     srv = VLLMServer(models["llm"], python=sys.executable, work_dir=tmp_path, startup_timeout=60)
-    with pytest.raises(VLLMServerError, match="No module named .?vllm"):
+    with pytest.raises(VLLMServerError, match=r"No module named .?vllm"):
         srv.start()
     assert not srv.is_running()
     with pytest.raises(VLLMServerError, match="vLLM python not found"):
@@ -266,10 +290,21 @@ def test_vllm_serves_vlm_with_image(models: dict[str, str], tmp_path: Path) -> N
     import httpx
 
     with VLLMServer(models["vlm"], served_model_name="aya", python=_vllm_python(), work_dir=tmp_path) as srv:
-        body = {"model": "aya", "temperature": 1.0, "seed": 3, "max_tokens": 32,
-                "messages": [{"role": "user", "content": [
-                    {"type": "image_url", "image_url": {"url": _png_data_url()}},
-                    {"type": "text", "text": "Describe this image."}]}]}  # fmt: skip
+        body = {
+            "model": "aya",
+            "temperature": 1.0,
+            "seed": 3,
+            "max_tokens": 32,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": _png_data_url()}},
+                        {"type": "text", "text": "Describe this image."},
+                    ],
+                }
+            ],
+        }
         r = httpx.post(f"{srv.url}/chat/completions", json=body, timeout=120)
         assert r.status_code == 200, r.text
         j = r.json()
@@ -297,7 +332,9 @@ def test_vllm_serves_vlm_with_image(models: dict[str, str], tmp_path: Path) -> N
 def test_vllm_serves_text_llm_with_structured_choice(models: dict[str, str], tmp_path: Path) -> None:
     import httpx
 
-    with VLLMServer(models["llm"], served_model_name="aya-text", python=_vllm_python(), work_dir=tmp_path) as srv:
+    with VLLMServer(
+        models["llm"], served_model_name="aya-text", python=_vllm_python(), work_dir=tmp_path
+    ) as srv:
         msg = [{"role": "user", "content": "Write a caption for a red car."}]
         r = httpx.post(
             f"{srv.url}/chat/completions",
@@ -308,10 +345,18 @@ def test_vllm_serves_text_llm_with_structured_choice(models: dict[str, str], tmp
         assert r.json()["choices"][0]["message"]["content"].strip()
         answers = set()
         for seed in range(4):
-            r = httpx.post(f"{srv.url}/chat/completions", timeout=120, json={
-                "model": "aya-text", "messages": [{"role": "user", "content": "Is this good? YES or NO."}],
-                "temperature": 1.0, "seed": seed, "max_tokens": 8,
-                "structured_outputs": {"choice": ["YES", "NO"]}})  # fmt: skip
+            r = httpx.post(
+                f"{srv.url}/chat/completions",
+                timeout=120,
+                json={
+                    "model": "aya-text",
+                    "messages": [{"role": "user", "content": "Is this good? YES or NO."}],
+                    "temperature": 1.0,
+                    "seed": seed,
+                    "max_tokens": 8,
+                    "structured_outputs": {"choice": ["YES", "NO"]},
+                },
+            )
             assert r.status_code == 200, r.text
             answers.add(r.json()["choices"][0]["message"]["content"])
         assert answers <= {"YES", "NO"} and answers
@@ -321,9 +366,18 @@ def test_vllm_serves_text_llm_with_structured_choice(models: dict[str, str], tmp
             "additionalProperties": False,
             "properties": {"caption": {"type": "string", "maxLength": 40}, "ok": {"type": "boolean"}},
         }
-        r = httpx.post(f"{srv.url}/chat/completions", timeout=120, json={
-            "model": "aya-text", "messages": msg, "temperature": 1.0, "seed": 0, "max_tokens": 96,
-            "structured_outputs": {"json": schema}})  # fmt: skip
+        r = httpx.post(
+            f"{srv.url}/chat/completions",
+            timeout=120,
+            json={
+                "model": "aya-text",
+                "messages": msg,
+                "temperature": 1.0,
+                "seed": 0,
+                "max_tokens": 96,
+                "structured_outputs": {"json": schema},
+            },
+        )
         obj = json.loads(r.json()["choices"][0]["message"]["content"])
         assert set(obj) == {"caption", "ok"} and isinstance(obj["ok"], bool)
     assert srv.proc is not None and srv.proc.returncode is not None

@@ -20,8 +20,14 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def run(models, vllm_servers, sample_input, tmp_path_factory):
     out = tmp_path_factory.mktemp("out")
-    cfg = make_config(models, vllm_servers, sample_input, str(out), str(out / "cache"),
-                      **{"run.language_ratio": 0.6, "run.shard_size": 20})  # fmt: skip
+    cfg = make_config(
+        models,
+        vllm_servers,
+        sample_input,
+        str(out),
+        str(out / "cache"),
+        **{"run.language_ratio": 0.6, "run.shard_size": 20},
+    )
     manifest = runner.run_all(cfg, "manual__2026-11-25T10:00:00+00:00")
     return cfg, manifest
 
@@ -43,8 +49,12 @@ def test_every_record_is_accounted_for(run):
     # the three bad samples are quarantined with their reason
     assert st["ingest"]["reasons"] == {"corrupt_image": 1, "empty_text": 1, "text_too_long": 1}
     rej = runner._read_parquet(storage.join(m["path"], "rejected/part-00000.parquet")).to_pylist()
-    rej += [r for f in m["files"] if f["table"] == "rejected" and f["path"] != "rejected/part-00000.parquet"
-            for r in runner._read_parquet(storage.join(m["path"], f["path"])).to_pylist()]  # fmt: skip
+    rej += [
+        r
+        for f in m["files"]
+        if f["table"] == "rejected" and f["path"] != "rejected/part-00000.parquet"
+        for r in runner._read_parquet(storage.join(m["path"], f["path"])).to_pylist()
+    ]
     assert len(rej) == m["rejected_total"] == sum(s["rejected"] for s in st.values())
     assert all(r["reason"] and r["stage"] for r in rej)
     judged = [r for r in rej if r["stage"] == "judge"]
@@ -92,8 +102,11 @@ def test_opens_in_pyarrow_duckdb_and_hf_datasets(run):
     total = sum(m["samples_by_lang"].values())
     t = ds.dataset(f"{root}/samples", format="parquet", partitioning="hive").to_table()
     assert t.num_rows == total and set(t.column("lang").to_pylist()) == set(m["samples_by_lang"])
-    per_lang = dict(duckdb.connect().execute(
-        f"SELECT lang, count(*) FROM read_parquet('{root}/samples/*/*.parquet') GROUP BY lang").fetchall())
+    per_lang = dict(
+        duckdb.connect()
+        .execute(f"SELECT lang, count(*) FROM read_parquet('{root}/samples/*/*.parquet') GROUP BY lang")
+        .fetchall()
+    )
     assert per_lang == m["samples_by_lang"]
     hf = datasets.load_dataset("parquet", data_files={"train": f"{root}/samples/*/*.parquet"}, split="train")
     assert hf.num_rows == total and "answer" in hf.column_names
@@ -103,8 +116,12 @@ def test_translated_rows_keep_provenance(run):
     _, m = run
     import duckdb
 
-    rows = duckdb.connect().execute(f"""SELECT lang, selected, draft_answer, answer, answer_en, comet_draft,
-        recaption_prompt_sha, translator_model FROM read_parquet('{m['path']}/samples/*/*.parquet')""").fetchall()
+    rows = (
+        duckdb.connect()
+        .execute(f"""SELECT lang, selected, draft_answer, answer, answer_en, comet_draft,
+        recaption_prompt_sha, translator_model FROM read_parquet('{m["path"]}/samples/*/*.parquet')""")
+        .fetchall()
+    )
     for lang, selected, draft, answer, answer_en, comet_draft, sha, tr in rows:
         assert len(sha) == 64
         if lang == SOURCE_LANG:
@@ -145,19 +162,31 @@ def test_s3_output_through_a_real_s3_protocol(models, vllm_servers, sample_input
     try:
         host, port = server.get_host_and_port()
         monkeypatch.setenv("BABELSYNTH_S3_ENDPOINT_URL", f"http://{host}:{port}")
-        for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        for k, v in {
+            "AWS_ACCESS_KEY_ID": "test",
+            "AWS_SECRET_ACCESS_KEY": "test",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }.items():
             monkeypatch.setenv(k, v)
         s3 = boto3.client("s3", endpoint_url=f"http://{host}:{port}")
         s3.create_bucket(Bucket="babelsynth")
         s3.upload_file(sample_input, "babelsynth", "input/samples.parquet")
-        cfg = make_config(models, vllm_servers, "s3://babelsynth/input/samples.parquet", "s3://babelsynth/runs",
-                          str(tmp_path / "cache"), **{"run.limit": 6, "run.languages": ["deu_Latn", "zho_Hant"]})  # fmt: skip
+        cfg = make_config(
+            models,
+            vllm_servers,
+            "s3://babelsynth/input/samples.parquet",
+            "s3://babelsynth/runs",
+            str(tmp_path / "cache"),
+            **{"run.limit": 6, "run.languages": ["deu_Latn", "zho_Hant"]},
+        )
         m = runner.run_all(cfg, "s3run")
         keys = {o["Key"] for o in s3.list_objects_v2(Bucket="babelsynth", Prefix="runs/s3run/")["Contents"]}
         assert "runs/s3run/manifest.json" in keys
         for f in m["files"]:
             body = s3.get_object(Bucket="babelsynth", Key=f"runs/s3run/{f['path']}")["Body"].read()
             assert hashlib.sha256(body).hexdigest() == f["sha256"]
-        assert json.loads(storage.read_bytes("s3://babelsynth/runs/s3run/manifest.json"))["reconciliation"]["ok"]
+        assert json.loads(storage.read_bytes("s3://babelsynth/runs/s3run/manifest.json"))["reconciliation"][
+            "ok"
+        ]
     finally:
         server.stop()

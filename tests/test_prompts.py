@@ -15,7 +15,8 @@ RELEASED = json.loads((prompts_dir() / "RELEASED.json").read_text())
 @pytest.mark.parametrize("rel", sorted(RELEASED))
 def test_released_prompt_is_unchanged(rel):
     assert hashlib.sha256((prompts_dir() / rel).read_bytes()).hexdigest() == RELEASED[rel], (
-        f"{rel} was edited after release; put new wording in a new .vN file")
+        f"{rel} was edited after release; put new wording in a new .vN file"
+    )
 
 
 def test_every_prompt_file_is_released():

@@ -18,18 +18,56 @@ FENCE = "```"
         ("<translation>Bonjour le monde.</translation>", "stop", "", ("Bonjour le monde.", "ok")),
         ("Voici :\n<translation>Bonjour le monde.", "stop", "", ("Bonjour le monde.", "ok")),  # no close tag
         ("<translation>Bonjour le mon", "length", "", (None, "truncated")),  # no close tag, cut at the limit
-        ('< Translation lang="fr" >\n  Bonjour.\n</ translation >', "stop", "", ("Bonjour.", "ok")),  # attrs/space
+        (
+            '< Translation lang="fr" >\n  Bonjour.\n</ translation >',
+            "stop",
+            "",
+            ("Bonjour.", "ok"),
+        ),  # attrs/space
         ("<TRANSLATION>Bonjour.</TRANSLATION>", "stop", "", ("Bonjour.", "ok")),
-        ("Put it between <translation> and </translation>.\n<translation>Salut.</translation>", "stop", "",
-         ("Salut.", "ok")),  # echoed instruction tags, then the answer: the last tag with text wins
-        ("<translation>Brouillon.</translation> Mieux : <translation>Salut.</translation>", "stop", "", ("Salut.", "ok")),
+        (
+            "Put it between <translation> and </translation>.\n<translation>Salut.</translation>",
+            "stop",
+            "",
+            ("Salut.", "ok"),
+        ),  # echoed instruction tags, then the answer: the last tag with text wins
+        (
+            "<translation>Brouillon.</translation> Mieux : <translation>Salut.</translation>",
+            "stop",
+            "",
+            ("Salut.", "ok"),
+        ),
         ("<translation>Salut.</translation><translation>  </translation>", "stop", "", ("Salut.", "ok")),
-        (f"{FENCE}xml\n<translation>Salut.</translation>\n{FENCE}", "stop", "", ("Salut.", "ok")),  # fence around
-        (f"<translation>\n{FENCE}\nSalut.\n{FENCE}\n</translation>", "stop", "Bonjour.", ("Salut.", "ok")),  # inside
-        (f"<translation>{FENCE}py\nx = 1\n{FENCE}</translation>", "stop", f"{FENCE}py\nx = 1\n{FENCE}",
-         (f"{FENCE}py\nx = 1\n{FENCE}", "ok")),  # the draft is code: its fence stays
-        ("<translation>“Salut.”</translation>", "stop", "Bonjour.", ("Salut.", "ok")),  # quotes the draft lacks
-        ("<translation>Salut.</translation>", "stop", "  Bonjour.\n", ("  Salut.\n", "ok")),  # draft's outer space
+        (
+            f"{FENCE}xml\n<translation>Salut.</translation>\n{FENCE}",
+            "stop",
+            "",
+            ("Salut.", "ok"),
+        ),  # fence around
+        (
+            f"<translation>\n{FENCE}\nSalut.\n{FENCE}\n</translation>",
+            "stop",
+            "Bonjour.",
+            ("Salut.", "ok"),
+        ),  # inside
+        (
+            f"<translation>{FENCE}py\nx = 1\n{FENCE}</translation>",
+            "stop",
+            f"{FENCE}py\nx = 1\n{FENCE}",
+            (f"{FENCE}py\nx = 1\n{FENCE}", "ok"),
+        ),  # the draft is code: its fence stays
+        (
+            "<translation>“Salut.”</translation>",
+            "stop",
+            "Bonjour.",
+            ("Salut.", "ok"),
+        ),  # quotes the draft lacks
+        (
+            "<translation>Salut.</translation>",
+            "stop",
+            "  Bonjour.\n",
+            ("  Salut.\n", "ok"),
+        ),  # draft's outer space
         ("<translation>A\n- b\n- c</translation>", "stop", "", ("A\n- b\n- c", "ok")),  # line breaks kept
         ("<translation></translation>", "stop", "", (None, "empty")),
         ("<translation>   </translation>", "length", "", (None, "empty")),
@@ -45,7 +83,10 @@ def test_structure_check_keeps_protected_spans_and_lines_but_lets_unk_go():
     src = "Run `pip install x` and open https://example.org/a?b=1 for {name}.\n- red\n- blue"
     draft = "Lancez `pip install x` et ouvrez https://example.org/a?b=1 pour {name}.\n- rouge\n- bleu"
     assert structure_problem(src, draft, draft) is None
-    assert structure_problem(src, draft, draft.replace("`pip install x`", "pip install x")) == "lost_protected_span"
+    assert (
+        structure_problem(src, draft, draft.replace("`pip install x`", "pip install x"))
+        == "lost_protected_span"
+    )
     assert structure_problem(src, draft, draft.replace("{name}", "{nom}")) == "lost_protected_span"
     assert structure_problem(src, draft, draft.replace("\n- bleu", ", bleu")) == "line_structure_changed"
     assert structure_problem(src, draft, draft.replace("- rouge", "* rouge")) == "line_structure_changed"
@@ -76,7 +117,9 @@ def test_tiny_cometkiwi_loads_from_checkpoint_and_scores_real_batches(scorer):
     en, fr, de = _lines("eng_Latn"), _lines("fra_Latn"), _lines("deu_Latn")
     pairs = list(zip(en, fr)) + list(zip(en, de))
     got = scorer.score(pairs)
-    raw = scorer.model.predict([{"src": s, "mt": t} for s, t in pairs], batch_size=8, gpus=0, progress_bar=False)
+    raw = scorer.model.predict(
+        [{"src": s, "mt": t} for s, t in pairs], batch_size=8, gpus=0, progress_bar=False
+    )
     assert got == pytest.approx(raw.scores, abs=1e-6)  # short pairs: exactly what COMET says
     assert scorer.score(pairs[::-1]) == pytest.approx(got[::-1], abs=1e-6)  # length sorting restores order
 
@@ -94,7 +137,9 @@ def test_inputs_beyond_the_window_are_scored_by_segments_not_truncated(scorer):
     assert all(scorer.count_tokens(c.src) + scorer.count_tokens(c.mt) <= scorer.budget for c in plan)
     # A translation whose last third is wrong (Japanese for French): COMET alone never sees that part.
     bad_tail = "\n".join(mt.split("\n")[:24] + [f"{i + 25}. {s}" for i, s in enumerate(ja)])
-    raw = scorer.model.predict([{"src": src, "mt": mt}, {"src": src, "mt": bad_tail}], gpus=0, progress_bar=False)
+    raw = scorer.model.predict(
+        [{"src": src, "mt": mt}, {"src": src, "mt": bad_tail}], gpus=0, progress_bar=False
+    )
     assert raw.scores[0] == raw.scores[1]  # silent truncation
     before = scorer.split_pairs
     whole, tail = scorer.score([(src, mt), (src, bad_tail)])
@@ -117,33 +162,57 @@ def test_scores_are_cached_by_content(scorer, tmp_path):
 
 @pytest.mark.slow
 def test_selection_keeps_rephrase_unless_worse_by_more_than_margin(models, scorer, tmp_path, monkeypatch):
+    import json
+
     from babelsynth.cache import Cache
     from babelsynth.config import load_config
     from babelsynth.stages.base import Context
     from babelsynth.stages.score import score
-
-    import json
 
     monkeypatch.setenv("BABELSYNTH_WORK", str(tmp_path))
     monkeypatch.setenv("BABELSYNTH_MODELS", str(tmp_path))
     en, fr, es = _lines("eng_Latn"), _lines("fra_Latn"), _lines("spa_Latn")
     rows = []
     for i in range(6):
-        rows.append({"source_id": f"s{i}", "lang": "fra_Latn", "prompt_en": en[i], "answer_en": en[i + 6],
-                     "draft_prompt": fr[i], "draft_answer": es[i + 6],  # a poor draft: Spanish
-                     "rephrase_prompt": fr[i] if i % 3 else None, "rephrase_answer": fr[i + 6] if i != 5 else None,
-                     "rephrase_status": "ok" if i % 3 and i != 5 else "no_tag"})  # fmt: skip
+        rows.append(
+            {
+                "source_id": f"s{i}",
+                "lang": "fra_Latn",
+                "prompt_en": en[i],
+                "answer_en": en[i + 6],
+                "draft_prompt": fr[i],
+                "draft_answer": es[i + 6],  # a poor draft: Spanish
+                "rephrase_prompt": fr[i] if i % 3 else None,
+                "rephrase_answer": fr[i + 6] if i != 5 else None,
+                "rephrase_status": "ok" if i % 3 and i != 5 else "no_tag",
+            }
+        )
     for margin in (0.0, 0.5):
-        cfg = load_config("configs/demo.yaml", {"models.comet.path": models["comet"], "rephrase.selection_margin": margin,
-                                                "cache_dir": str(tmp_path)})  # fmt: skip
+        cfg = load_config(
+            "configs/demo.yaml",
+            {
+                "models.comet.path": models["comet"],
+                "rephrase.selection_margin": margin,
+                "cache_dir": str(tmp_path),
+            },
+        )
         ctx = Context(cfg, "t", 0, Cache(tmp_path / "c.sqlite"))
         res = score(ctx, rows)
-        out = sorted(res.rows + [json.loads(r["record"]) for r in res.rejected], key=lambda r: r["score_index"])
+        out = sorted(
+            res.rows + [json.loads(r["record"]) for r in res.rejected], key=lambda r: r["score_index"]
+        )
         for r, o in zip(rows, out):
-            d = scorer.score([(r["prompt_en"], r["draft_prompt"])])[0] / 2 + scorer.score([(r["answer_en"], r["draft_answer"])])[0] / 2
+            d = (
+                scorer.score([(r["prompt_en"], r["draft_prompt"])])[0] / 2
+                + scorer.score([(r["answer_en"], r["draft_answer"])])[0] / 2
+            )
             assert o["comet_draft"] == pytest.approx(d, abs=1e-6)
             if r["rephrase_prompt"] is None and r["rephrase_answer"] is None:
-                assert o["selected"] == "draft" and o["comet_rephrase"] is None and "unusable" in o["selection_reason"]
+                assert (
+                    o["selected"] == "draft"
+                    and o["comet_rephrase"] is None
+                    and "unusable" in o["selection_reason"]
+                )
                 continue
             want = "rephrase" if o["comet_rephrase"] >= o["comet_draft"] - margin else "draft"
             assert o["selected"] == want, (margin, o["selection_reason"])
@@ -152,4 +221,8 @@ def test_selection_keeps_rephrase_unless_worse_by_more_than_margin(models, score
                 assert o["prompt"] == (r["rephrase_prompt"] or r["draft_prompt"])
                 assert o["answer"] == (r["rephrase_answer"] or r["draft_answer"])
         if margin == 0.5:
-            assert all(o["selected"] == "rephrase" for o, r in zip(out, rows) if r["rephrase_answer"] or r["rephrase_prompt"])
+            assert all(
+                o["selected"] == "rephrase"
+                for o, r in zip(out, rows)
+                if r["rephrase_answer"] or r["rephrase_prompt"]
+            )

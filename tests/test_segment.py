@@ -7,9 +7,33 @@ from hypothesis import strategies as st
 from babelsynth.segment import reassemble, segments, split
 
 _atoms = list("abc XYZ.!?\n-*1234|)(é这。`$\\{}%<>@:/#~[]\t") + [
-    "  ", "\n\n", "1. ", "- ", "> ", "# ", "```", "~~~", "$$", "\\[", "\\]", "\\(", "\\)", "https://", "www.x.",
-    "a@b.co", "<answer>", "</answer>", "{name}", "%s", "|---|", "\\begin{x}", "\\end{x}", "e.g. ", "Dr. ", "\r\n",
-]  # fmt: skip
+    "  ",
+    "\n\n",
+    "1. ",
+    "- ",
+    "> ",
+    "# ",
+    "```",
+    "~~~",
+    "$$",
+    "\\[",
+    "\\]",
+    "\\(",
+    "\\)",
+    "https://",
+    "www.x.",
+    "a@b.co",
+    "<answer>",
+    "</answer>",
+    "{name}",
+    "%s",
+    "|---|",
+    "\\begin{x}",
+    "\\end{x}",
+    "e.g. ",
+    "Dr. ",
+    "\r\n",
+]
 
 
 @settings(max_examples=500, deadline=None)
@@ -39,15 +63,33 @@ def test_sentences_lines_and_markers_are_separate_segments():
 
 def test_abbreviations_initials_and_decimals_do_not_end_a_sentence():
     assert segments("Dr. Smith said e.g. this works. J. Smith paid 3.5 dollars. then it ended.") == [
-        "Dr. Smith said e.g. this works.", "J. Smith paid 3.5 dollars. then it ended."]  # fmt: skip
+        "Dr. Smith said e.g. this works.",
+        "J. Smith paid 3.5 dollars. then it ended.",
+    ]
 
 
 @pytest.mark.parametrize(
     "span",
-    ["`x = 1. Done`", "``a`b``", "$a. B$", "\\(x. Y\\)", "\\frac{a}{b}", "https://a.org/x_(y)?q=1", "www.site.org/p",
-     "jo.doe+tag@mail.example.com", "<answer>", "</translation>", '<img src="a.png"/>', "{name}", "{0}", "{{var}}",
-     "%s", "%(count)d", "%.2f"],
-)  # fmt: skip
+    [
+        "`x = 1. Done`",
+        "``a`b``",
+        "$a. B$",
+        "\\(x. Y\\)",
+        "\\frac{a}{b}",
+        "https://a.org/x_(y)?q=1",
+        "www.site.org/p",
+        "jo.doe+tag@mail.example.com",
+        "<answer>",
+        "</translation>",
+        '<img src="a.png"/>',
+        "{name}",
+        "{0}",
+        "{{var}}",
+        "%s",
+        "%(count)d",
+        "%.2f",
+    ],
+)
 def test_inline_protected_spans_are_kept_out_of_segments(span):
     text = f"Look at {span} now. It is fine."
     pieces = split(text)
@@ -59,7 +101,11 @@ def test_block_protected_spans_and_trailing_url_punctuation():
     text = "Intro.\n```py\nprint('Hi. There')\n```\nMid $$\nx. Y\n$$ and\n\\begin{align}a. B\\end{align}\nSee https://a.org."
     assert segments(text) == ["Intro.", "Mid", "and", "See"]
     assert [p.text for p in split(text) if p.kind == "protected"] == [
-        "```py\nprint('Hi. There')\n```", "$$\nx. Y\n$$", "\\begin{align}a. B\\end{align}", "https://a.org"]  # fmt: skip
+        "```py\nprint('Hi. There')\n```",
+        "$$\nx. Y\n$$",
+        "\\begin{align}a. B\\end{align}",
+        "https://a.org",
+    ]
     assert segments("Code:\n~~~\nnever. Closed.") == ["Code:"]  # an unclosed fence runs to the end
 
 

@@ -21,7 +21,13 @@ from types import SimpleNamespace
 import pytest
 
 from babelsynth import runner
-from babelsynth.backends.chat_http import BackendError, ChatClient, ChatRequest, image_data_url, resolve_api_key
+from babelsynth.backends.chat_http import (
+    BackendError,
+    ChatClient,
+    ChatRequest,
+    image_data_url,
+    resolve_api_key,
+)
 from babelsynth.cache import Cache
 from babelsynth.config import OpenAIHTTPBackend, VLLMOfflineBackend, config_from_dict
 from babelsynth.prompts import load_prompt
@@ -50,7 +56,9 @@ class CountingProxy:
 
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                headers = {k: v for k, v in self.headers.items() if k.lower() in ("content-type", "authorization")}
+                headers = {
+                    k: v for k, v in self.headers.items() if k.lower() in ("content-type", "authorization")
+                }
                 try:
                     conn = http.client.HTTPConnection("127.0.0.1", proxy.upstream_port, timeout=120)
                     conn.request("POST", self.path, body, headers)
@@ -68,7 +76,9 @@ class CountingProxy:
                 self.wfile.write(data)
 
         class Server(http.server.ThreadingHTTPServer):
-            request_queue_size = 256  # the default backlog of 5 resets connections under 16 concurrent clients
+            request_queue_size = (
+                256  # the default backlog of 5 resets connections under 16 concurrent clients
+            )
 
         self.server = Server(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
@@ -99,7 +109,9 @@ def teacher_input(tmp_path_factory) -> str:
 
 def _cfg(models, teacher_url: str, llm_url: str, input_uri: str, out: Path, **over):
     servers = {"teacher": SimpleNamespace(url=teacher_url), "llm": SimpleNamespace(url=llm_url)}
-    return make_config(models, servers, input_uri, str(out), str(out / "cache"), **{"run.shard_size": 64, **over})
+    return make_config(
+        models, servers, input_uri, str(out), str(out / "cache"), **{"run.shard_size": 64, **over}
+    )
 
 
 def _run(cfg, run_id: str, stages=("ingest", "recaption", "judge")) -> dict:
@@ -109,9 +121,13 @@ def _run(cfg, run_id: str, stages=("ingest", "recaption", "judge")) -> dict:
 
 # ---------------------------------------------------------------- API key, images, unreachable server
 def test_api_key_from_env_or_airflow_connection(monkeypatch):
-    cfg = OpenAIHTTPBackend(base_url="http://h/v1", model="m", api_key_env="BS_KEY", api_key_conn_id="vllm_teacher")
+    cfg = OpenAIHTTPBackend(
+        base_url="http://h/v1", model="m", api_key_env="BS_KEY", api_key_conn_id="vllm_teacher"
+    )
     monkeypatch.delenv("BS_KEY", raising=False)
-    monkeypatch.setenv("AIRFLOW_CONN_VLLM_TEACHER", json.dumps({"conn_type": "http", "password": "from-json"}))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_VLLM_TEACHER", json.dumps({"conn_type": "http", "password": "from-json"})
+    )
     assert resolve_api_key(cfg) == "from-json"
     monkeypatch.setenv("AIRFLOW_CONN_VLLM_TEACHER", "http://user:p%40ss%2Fw@vllm:8000/")
     assert resolve_api_key(cfg) == "p@ss/w"
@@ -122,7 +138,7 @@ def test_api_key_from_env_or_airflow_connection(monkeypatch):
 
 @pytest.mark.parametrize("in_airflow", [False, True])
 def test_missing_airflow_connection_is_a_clear_error(monkeypatch, in_airflow):
-    """Outside Airflow the env form is the only source; inside a task (Airflow loaded) its SDK is asked too."""
+    """Outside Airflow the env form is the only source; inside a task (Airflow loaded) its SDK is asked."""
     import sys
 
     if in_airflow:
@@ -131,7 +147,9 @@ def test_missing_airflow_connection_is_a_clear_error(monkeypatch, in_airflow):
         monkeypatch.delitem(sys.modules, "airflow.sdk", raising=False)
     monkeypatch.delenv("AIRFLOW_CONN_NOPE", raising=False)
     cfg = OpenAIHTTPBackend(base_url="http://h/v1", model="m", api_key_conn_id="nope")
-    with pytest.raises(BackendError, match="'nope' for http://h/v1 not found: AIRFLOW_CONN_NOPE is not set") as e:
+    with pytest.raises(
+        BackendError, match="'nope' for http://h/v1 not found: AIRFLOW_CONN_NOPE is not set"
+    ) as e:
         resolve_api_key(cfg)
     assert ("task's Airflow answered" in str(e.value)) is in_airflow
 
@@ -162,26 +180,53 @@ def test_unreachable_server_fails_with_the_url_after_bounded_retries():
 
 
 def test_offline_backend_is_chosen_by_kind_and_validated():
-    base = {"input_uri": "x", "output_uri": "y",
-            "models": {"judge": {"kind": "openai_http", "base_url": "http://h/v1", "model": "j"},
-                       "rephraser": {"kind": "openai_http", "base_url": "http://h/v1", "model": "j"},
-                       "translator": {"kind": "ct2_nllb", "path": "p"}, "comet": {"kind": "comet", "path": "c"}}}  # fmt: skip
-    cfg = config_from_dict({**base, "models": {**base["models"], "teacher": {"kind": "vllm_offline", "model": "t",
-                                                                              "path": "/models/aya"}}})  # fmt: skip
+    base = {
+        "input_uri": "x",
+        "output_uri": "y",
+        "models": {
+            "judge": {"kind": "openai_http", "base_url": "http://h/v1", "model": "j"},
+            "rephraser": {"kind": "openai_http", "base_url": "http://h/v1", "model": "j"},
+            "translator": {"kind": "ct2_nllb", "path": "p"},
+            "comet": {"kind": "comet", "path": "c"},
+        },
+    }
+    cfg = config_from_dict(
+        {
+            **base,
+            "models": {
+                **base["models"],
+                "teacher": {"kind": "vllm_offline", "model": "t", "path": "/models/aya"},
+            },
+        }
+    )
     assert isinstance(cfg.models.teacher, VLLMOfflineBackend)
     with pytest.raises(ValueError, match="base_url"):  # an offline field on an HTTP backend is refused
-        config_from_dict({**base, "models": {**base["models"], "teacher": {"kind": "openai_http", "model": "t",
-                                                                           "path": "/models/aya"}}})  # fmt: skip
+        config_from_dict(
+            {
+                **base,
+                "models": {
+                    **base["models"],
+                    "teacher": {"kind": "openai_http", "model": "t", "path": "/models/aya"},
+                },
+            }
+        )
 
 
 # ---------------------------------------------------------------- real vLLM servers (shared fixture)
 @pytest.mark.slow
-def test_recaption_and_judge_on_vllm_server_then_rerun_makes_no_request(models, vllm_servers, teacher_input,
-                                                                         tmp_path):  # fmt: skip
+def test_recaption_and_judge_on_vllm_server_then_rerun_makes_no_request(
+    models, vllm_servers, teacher_input, tmp_path
+):
     proxy = CountingProxy(vllm_servers["teacher"].port)
     try:
-        cfg = _cfg(models, proxy.url, vllm_servers["llm"].url, teacher_input, tmp_path,
-                   **{"models.teacher.image_max_side": 64, "filter.rules.mode": "report"})  # fmt: skip
+        cfg = _cfg(
+            models,
+            proxy.url,
+            vllm_servers["llm"].url,
+            teacher_input,
+            tmp_path,
+            **{"models.teacher.image_max_side": 64, "filter.rules.mode": "report"},
+        )
         st = _run(cfg, "teacher-1")
         rec, jud = st["recaption"], st["judge"]
         assert rec["in"] == 20 and rec["in"] == rec["out"] + rec["rejected"]
@@ -200,9 +245,15 @@ def test_recaption_and_judge_on_vllm_server_then_rerun_makes_no_request(models, 
         assert set(bt) == {"captioning", "vqa", "ocr", "chart", "all"}
         for task, d in bt.items():
             assert d["records"] == (20 if task == "all" else 5)
-            assert d["measured"] == d["tokens_measured"] == d["records"] - d["stage1_dropped"] - d.get("request_errors", 0)
+            assert (
+                d["measured"]
+                == d["tokens_measured"]
+                == d["records"] - d["stage1_dropped"] - d.get("request_errors", 0)
+            )
             if d["measured"]:
-                assert d["words_before"] > 0 and d["tokens_before"] > 0 and d["mtld_before_n"] == d["measured"]
+                assert (
+                    d["words_before"] > 0 and d["tokens_before"] > 0 and d["mtld_before_n"] == d["measured"]
+                )
                 assert d["tokens_after_mean"] == round(d["tokens_after"] / d["tokens_measured"], 4)
             assert d["stage1_drop_rate"] == round(d["stage1_dropped"] / d["records"], 4)
         assert bt["all"]["stage1_dropped"] == rec["rejected"] - bt["all"].get("request_errors", 0)
@@ -231,20 +282,34 @@ def test_recaption_and_judge_on_vllm_server_then_rerun_makes_no_request(models, 
 
 
 @pytest.mark.slow
-def test_flagged_outputs_are_regenerated_under_new_seeds_then_dropped(models, vllm_servers, teacher_input,
-                                                                       tmp_path):  # fmt: skip
+def test_flagged_outputs_are_regenerated_under_new_seeds_then_dropped(
+    models, vllm_servers, teacher_input, tmp_path
+):
     """Enforce mode: the tiny model's noise trips rules (no <answer> tag, cut at max_tokens), so each record
     is asked again under a new seed, then dropped with the first reason and the flags of every attempt."""
     proxy = CountingProxy(vllm_servers["teacher"].port)
     try:
-        cfg = _cfg(models, proxy.url, vllm_servers["llm"].url, teacher_input, tmp_path,
-                   **{"filter.rules.mode": "enforce", "filter.rules.max_regenerations": 2, "run.limit": 4,
-                      "filter.judge.enabled": False})  # fmt: skip
+        cfg = _cfg(
+            models,
+            proxy.url,
+            vllm_servers["llm"].url,
+            teacher_input,
+            tmp_path,
+            **{
+                "filter.rules.mode": "enforce",
+                "filter.rules.max_regenerations": 2,
+                "run.limit": 4,
+                "filter.judge.enabled": False,
+            },
+        )
         rec = _run(cfg, "regen", stages=("ingest", "recaption"))["recaption"]
         bodies = [json.loads(e[3]) for e in proxy.entries()]
         assert rec["regenerated"] == rec["in"] == 4 and len(bodies) == rec["requests_sent"] == 12
         assert len({b["seed"] for b in bodies}) == 12  # 3 attempts x 4 records, each under its own seed
-        assert all(len({json.dumps(b["messages"]) for b in bodies if b["seed"] == s}) == 1 for s in {b["seed"] for b in bodies})
+        assert all(
+            len({json.dumps(b["messages"]) for b in bodies if b["seed"] == s}) == 1
+            for s in {b["seed"] for b in bodies}
+        )
         res = runner._load(runner._stage_uri(runner.run_root(cfg, "regen"), "recaption", 0))
         assert rec["rejected"] == len(res["rejected"]) == rec["by_task"]["all"]["stage1_dropped"] == 4
         for r in res["rejected"]:
@@ -261,8 +326,12 @@ def test_flagged_outputs_are_regenerated_under_new_seeds_then_dropped(models, vl
 def keyed_teacher(models):
     from babelsynth.vllm_server import VLLMServer
 
-    srv = VLLMServer(models["vlm"], served_model_name="tiny-aya-vision", work_dir=WORK / "vllm-fault",
-                     extra_args=["--api-key", SECRET])  # fmt: skip
+    srv = VLLMServer(
+        models["vlm"],
+        served_model_name="tiny-aya-vision",
+        work_dir=WORK / "vllm-fault",
+        extra_args=["--api-key", SECRET],
+    )
     srv.start()
     try:
         yield srv
@@ -273,12 +342,19 @@ def keyed_teacher(models):
 @pytest.mark.slow
 def test_api_key_authenticates_and_never_shows(keyed_teacher, caplog, monkeypatch):
     caplog.set_level(logging.DEBUG)  # httpx/httpcore debug logging included
-    cfg = OpenAIHTTPBackend(base_url=keyed_teacher.url, model="tiny-aya-vision", api_key_env="BS_TEACHER_KEY",
-                            max_retries=1, backoff_s=0.01)  # fmt: skip
+    cfg = OpenAIHTTPBackend(
+        base_url=keyed_teacher.url,
+        model="tiny-aya-vision",
+        api_key_env="BS_TEACHER_KEY",
+        max_retries=1,
+        backoff_s=0.01,
+    )
     req = ChatRequest([{"role": "user", "content": "hello"}], 4, seed=1)
     monkeypatch.delenv("BS_TEACHER_KEY", raising=False)
     no_key = ChatClient(cfg)
-    with pytest.raises(BackendError, match="HTTP 401") as e:  # a wrong key fails the task at once, not each row
+    with pytest.raises(
+        BackendError, match="HTTP 401"
+    ) as e:  # a wrong key fails the task at once, not each row
         no_key.chat_many([req])
     assert keyed_teacher.url in str(e.value) and no_key.sent == 1
     monkeypatch.setenv("BS_TEACHER_KEY", SECRET)
@@ -290,15 +366,26 @@ def test_api_key_authenticates_and_never_shows(keyed_teacher, caplog, monkeypatc
 
 
 @pytest.mark.slow
-def test_server_killed_mid_stage_then_rerun_repeats_no_finished_request(models, keyed_teacher, teacher_input,
-                                                                         tmp_path, monkeypatch):  # fmt: skip
+def test_server_killed_mid_stage_then_rerun_repeats_no_finished_request(
+    models, keyed_teacher, teacher_input, tmp_path, monkeypatch
+):
     monkeypatch.setenv("BS_TEACHER_KEY", SECRET)
     proxy = CountingProxy(keyed_teacher.port)
     try:
-        cfg = _cfg(models, proxy.url, proxy.url, teacher_input, tmp_path,
-                   **{"models.teacher.api_key_env": "BS_TEACHER_KEY", "models.teacher.max_concurrency": 2,
-                      "models.teacher.max_retries": 2, "models.teacher.backoff_s": 0.3,
-                      "filter.rules.mode": "report"})  # fmt: skip
+        cfg = _cfg(
+            models,
+            proxy.url,
+            proxy.url,
+            teacher_input,
+            tmp_path,
+            **{
+                "models.teacher.api_key_env": "BS_TEACHER_KEY",
+                "models.teacher.max_concurrency": 2,
+                "models.teacher.max_retries": 2,
+                "models.teacher.backoff_s": 0.3,
+                "filter.rules.mode": "report",
+            },
+        )
         _run(cfg, "fault", stages=("ingest",))
 
         def kill_after(n: int) -> None:
@@ -312,7 +399,9 @@ def test_server_killed_mid_stage_then_rerun_repeats_no_finished_request(models, 
             runner.run_stage(cfg, "fault", "recaption", 0)
         killer.join(5)
         msg = str(e.value)
-        assert f"{proxy.url}/chat/completions" in msg and "failed after 3 attempts" in msg and "HTTP 502" in msg
+        assert (
+            f"{proxy.url}/chat/completions" in msg and "failed after 3 attempts" in msg and "HTTP 502" in msg
+        )
         finished = {h for _, h, s, _ in proxy.entries(status=200)}
         assert 4 <= len(finished) < 20  # killed mid-stage
         tries: dict[str, int] = {}
@@ -328,7 +417,9 @@ def test_server_killed_mid_stage_then_rerun_repeats_no_finished_request(models, 
         resent = {h for _, h, _, _ in after}
         assert st["in"] == st["out"] + st["rejected"] == 20
         assert not resent & finished, "a request that had finished was sent again"
-        assert len(resent | finished) == 20  # every record answered exactly once overall (report mode: one attempt)
+        assert (
+            len(resent | finished) == 20
+        )  # every record answered exactly once overall (report mode: one attempt)
         assert st["requests_sent"] == len(after) == 20 - len(finished)
     finally:
         proxy.close()
@@ -340,12 +431,30 @@ def test_offline_backend_runs_recaption_and_judge_in_the_vllm_venv(models, teach
     from babelsynth.backends import vllm_offline
 
     eng = {"enforce_eager": True}
-    common = {"max_model_len": 2048, "dtype": "bfloat16", "kv_cache_memory_bytes": 64 << 20, "engine_args": eng}
-    cfg = _cfg(models, "http://unused/v1", "http://unused/v1", teacher_input, tmp_path,
-               **{"models.teacher": {"kind": "vllm_offline", "model": "tiny-aya-vision", "path": models["vlm"],
-                                     "image_max_side": 224, **common},
-                  "models.judge": {"kind": "vllm_offline", "model": "tiny-llm", "path": models["llm"], **common},
-                  "filter.rules.mode": "report"})  # fmt: skip
+    common = {
+        "max_model_len": 2048,
+        "dtype": "bfloat16",
+        "kv_cache_memory_bytes": 64 << 20,
+        "engine_args": eng,
+    }
+    cfg = _cfg(
+        models,
+        "http://unused/v1",
+        "http://unused/v1",
+        teacher_input,
+        tmp_path,
+        **{
+            "models.teacher": {
+                "kind": "vllm_offline",
+                "model": "tiny-aya-vision",
+                "path": models["vlm"],
+                "image_max_side": 224,
+                **common,
+            },
+            "models.judge": {"kind": "vllm_offline", "model": "tiny-llm", "path": models["llm"], **common},
+            "filter.rules.mode": "report",
+        },
+    )
     try:
         st = _run(cfg, "offline-1")
         rec, jud = st["recaption"], st["judge"]
@@ -371,9 +480,12 @@ def test_cache_keys_cover_model_prompt_sampling_and_input():
     base = ChatRequest([{"role": "user", "content": "q"}], 8, 0.7, 1.0, seed=3)
     k = request_key("m", base)
     assert request_key("m", ChatRequest([{"role": "user", "content": "q"}], 8, 0.7, 1.0, seed=3)) == k
-    for other in (request_key("m2", base), request_key("m", ChatRequest(base.messages, 9, 0.7, 1.0, seed=3)),
-                  request_key("m", ChatRequest(base.messages, 8, 0.7, 1.0, seed=4)),
-                  request_key("m", ChatRequest([{"role": "user", "content": "q2"}], 8, 0.7, 1.0, seed=3))):
+    for other in (
+        request_key("m2", base),
+        request_key("m", ChatRequest(base.messages, 9, 0.7, 1.0, seed=3)),
+        request_key("m", ChatRequest(base.messages, 8, 0.7, 1.0, seed=4)),
+        request_key("m", ChatRequest([{"role": "user", "content": "q2"}], 8, 0.7, 1.0, seed=3)),
+    ):
         assert other != k
 
 
@@ -382,7 +494,9 @@ def test_cache_round_trip_makes_no_request(tmp_path):
     cache = Cache(tmp_path / "c.sqlite")
     client = ChatClient(OpenAIHTTPBackend(base_url="http://127.0.0.1:9/v1", model="m", max_retries=0), cache)
     req = ChatRequest([{"role": "user", "content": "q"}], 8, seed=1)
-    cache.put(client.key(req), {"text": "a", "finish_reason": "stop", "prompt_tokens": 1, "completion_tokens": 1,
-                                "error": None})  # fmt: skip
+    cache.put(
+        client.key(req),
+        {"text": "a", "finish_reason": "stop", "prompt_tokens": 1, "completion_tokens": 1, "error": None},
+    )
     (res,) = client.chat_many([req])
     assert res.cached and res.text == "a" and client.sent == 0

@@ -30,7 +30,14 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from babelsynth.train.config import MixtureConfig, StageConfig, TrainConfig  # noqa: E402
 from babelsynth.train.data import (  # noqa: E402
-    IGNORE_INDEX, BatchStream, MixtureStream, RunData, collate, encode_example, is_heldout, mixture_weights,
+    IGNORE_INDEX,
+    BatchStream,
+    MixtureStream,
+    RunData,
+    collate,
+    encode_example,
+    is_heldout,
+    mixture_weights,
     row_encoder,
 )
 from babelsynth.train.merge import lerp, merge_llm, sweep  # noqa: E402
@@ -39,15 +46,30 @@ from babelsynth.train.sft import load_vlm, part_of, run_stage  # noqa: E402
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 # ------------------------------------------------------------------------------------------- tiny models
-SPECIALS = ["<PAD>", "<BOS_TOKEN>", "<EOS_TOKEN>", "<|START_OF_TURN_TOKEN|>", "<|END_OF_TURN_TOKEN|>",
-            "<|USER_TOKEN|>", "<|CHATBOT_TOKEN|>", "<|SYSTEM_TOKEN|>", "<|START_OF_IMG|>", "<|END_OF_IMG|>",
-            "<|IMG_PATCH|>", "<|IMG_LINE_BREAK|>", "TILE", "TILE_GLOBAL", "<image>"]
+SPECIALS = [
+    "<PAD>",
+    "<BOS_TOKEN>",
+    "<EOS_TOKEN>",
+    "<|START_OF_TURN_TOKEN|>",
+    "<|END_OF_TURN_TOKEN|>",
+    "<|USER_TOKEN|>",
+    "<|CHATBOT_TOKEN|>",
+    "<|SYSTEM_TOKEN|>",
+    "<|START_OF_IMG|>",
+    "<|END_OF_IMG|>",
+    "<|IMG_PATCH|>",
+    "<|IMG_LINE_BREAK|>",
+    "TILE",
+    "TILE_GLOBAL",
+    "<image>",
+]
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|START_OF_TURN_TOKEN|>"
     "{% if m['role'] == 'user' %}<|USER_TOKEN|>{% elif m['role'] == 'assistant' %}<|CHATBOT_TOKEN|>"
     "{% else %}<|SYSTEM_TOKEN|>{% endif %}"
     "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
-    "{% if c['type'] in ['image', 'image_url'] %}<image>{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+    "{% if c['type'] in ['image', 'image_url'] %}<image>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
     "{% endfor %}{% endif %}<|END_OF_TURN_TOKEN|>{% endfor %}"
     "{% if add_generation_prompt %}<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>{% endif %}"
 )
@@ -67,35 +89,84 @@ def _tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     corpus = [p + " " + a.format(c=c) for p, a in LANG_TEXT.values() for c in COLORS] * 20
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=400, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<BOS_TOKEN>", eos_token="<|END_OF_TURN_TOKEN|>",
-                                   pad_token="<PAD>", additional_special_tokens=SPECIALS[3:],
-                                   model_input_names=["input_ids", "attention_mask"],
-                                   chat_template=CHAT_TEMPLATE)
+    tok.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=400, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<BOS_TOKEN>",
+        eos_token="<|END_OF_TURN_TOKEN|>",
+        pad_token="<PAD>",
+        additional_special_tokens=SPECIALS[3:],
+        model_input_names=["input_ids", "attention_mask"],
+        chat_template=CHAT_TEMPLATE,
+    )
 
 
 def build_tiny_aya(out_dir: Path, seed: int = 0) -> tuple[Path, Path]:
     """Tiny random AyaVision (SigLIP 56px/14, shuffle 2, SwiGLU connector, Cohere2 64/2 layers) and the
     text-only Cohere2 it starts from (same LLM weights, same tokenizer)."""
-    from transformers import (AyaVisionConfig, AyaVisionForConditionalGeneration, AyaVisionProcessor,
-                              Cohere2Config, Cohere2ForCausalLM, GotOcr2ImageProcessor, SiglipVisionConfig)
+    from transformers import (
+        AyaVisionConfig,
+        AyaVisionForConditionalGeneration,
+        AyaVisionProcessor,
+        Cohere2Config,
+        Cohere2ForCausalLM,
+        GotOcr2ImageProcessor,
+        SiglipVisionConfig,
+    )
 
     tok = _tokenizer()
-    image_processor = GotOcr2ImageProcessor(size={"height": 56, "width": 56}, crop_to_patches=False, max_patches=1,
-                                            image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    processor = AyaVisionProcessor(image_processor=image_processor, tokenizer=tok, patch_size=14, img_size=56,
-                                   downsample_factor=2, chat_template=CHAT_TEMPLATE)
-    vision = SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                                image_size=56, patch_size=14, vision_use_head=False)
-    text = Cohere2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=256,
-                         layer_types=["sliding_attention", "full_attention"], logit_scale=1.0,
-                         max_position_embeddings=1024, pad_token_id=tok.pad_token_id,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    cfg = AyaVisionConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), downsample_factor=2,
-                          alignment_intermediate_size=128,
-                          image_token_index=tok.convert_tokens_to_ids("<|IMG_PATCH|>"))
+    image_processor = GotOcr2ImageProcessor(
+        size={"height": 56, "width": 56},
+        crop_to_patches=False,
+        max_patches=1,
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+    )
+    processor = AyaVisionProcessor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        patch_size=14,
+        img_size=56,
+        downsample_factor=2,
+        chat_template=CHAT_TEMPLATE,
+    )
+    vision = SiglipVisionConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=56,
+        patch_size=14,
+        vision_use_head=False,
+    )
+    text = Cohere2Config(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        sliding_window=256,
+        layer_types=["sliding_attention", "full_attention"],
+        logit_scale=1.0,
+        max_position_embeddings=1024,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    cfg = AyaVisionConfig(
+        vision_config=vision.to_dict(),
+        text_config=text.to_dict(),
+        downsample_factor=2,
+        alignment_intermediate_size=128,
+        image_token_index=tok.convert_tokens_to_ids("<|IMG_PATCH|>"),
+    )
     torch.manual_seed(seed)
     vlm = AyaVisionForConditionalGeneration(cfg)
     llm = Cohere2ForCausalLM(text)
@@ -124,9 +195,15 @@ def build_fake_run(root: Path, rows_per_lang: int = 8) -> Path:
     files = []
     names = list(COLORS)
     for part, chunk in enumerate([names[:2], names[2:]]):
-        t = pa.table({"image_id": [ids[c] for c in chunk], "image": [images[c] for c in chunk],
-                      "format": ["PNG"] * len(chunk), "width": pa.array([1] * len(chunk), pa.int32()),
-                      "height": pa.array([1] * len(chunk), pa.int32())})
+        t = pa.table(
+            {
+                "image_id": [ids[c] for c in chunk],
+                "image": [images[c] for c in chunk],
+                "format": ["PNG"] * len(chunk),
+                "width": pa.array([1] * len(chunk), pa.int32()),
+                "height": pa.array([1] * len(chunk), pa.int32()),
+            }
+        )
         rel = f"images/part-{part:05d}.parquet"
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(t, root / rel, row_group_size=1)
@@ -136,9 +213,18 @@ def build_fake_run(root: Path, rows_per_lang: int = 8) -> Path:
         for i in range(rows_per_lang):
             c = names[i % 4]
             image_ids = [ids[c]] if i % 4 else [ids[c], ids[names[(i + 1) % 4]]]
-            rows.append({"run_id": "test", "sample_id": hashlib.sha256(f"src{i}|{lang}".encode()).hexdigest()[:24],
-                         "source_id": f"src{i}", "lang": lang, "task_type": "captioning", "image_ids": image_ids,
-                         "prompt": prompt, "answer": answer.format(c=c)})
+            rows.append(
+                {
+                    "run_id": "test",
+                    "sample_id": hashlib.sha256(f"src{i}|{lang}".encode()).hexdigest()[:24],
+                    "source_id": f"src{i}",
+                    "lang": lang,
+                    "task_type": "captioning",
+                    "image_ids": image_ids,
+                    "prompt": prompt,
+                    "answer": answer.format(c=c),
+                }
+            )
         rel = f"samples/lang={lang}/part-00000.parquet"
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.Table.from_pylist(rows), root / rel)
@@ -170,8 +256,11 @@ def perturbed_text(tiny, tmp_path_factory):
     d = tmp_path_factory.mktemp("text2")
     sd = load_file(str(tiny[1] / "model.safetensors"))
     g = torch.Generator().manual_seed(1)
-    save_file({k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in sd.items()}, str(d / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in sd.items()},
+        str(d / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     for f in tiny[1].iterdir():
         if f.suffix != ".safetensors":
             (d / f.name).write_bytes(f.read_bytes())
@@ -215,8 +304,9 @@ def test_streaming_joins_images_and_holds_out(run_root, processor):
         color = next(c for c in COLORS if c in row["answer"])
         assert data.images.get(row["image_ids"][0]).getpixel((0, 0)) == COLORS[color]
     frac = 0.25
-    stream = MixtureStream(data, row_encoder(processor, data.images, 256), MixtureConfig(), seed=3,
-                           heldout_fraction=frac)
+    stream = MixtureStream(
+        data, row_encoder(processor, data.images, 256), MixtureConfig(), seed=3, heldout_fraction=frac
+    )
     seen = [stream.next() for _ in range(40)]
     assert not any(is_heldout(s, frac) for e in seen for s in e.sample_ids)
     langs = {by_id[e.sample_ids[0]]["lang"] for e in seen}
@@ -267,7 +357,7 @@ def test_loss_mask_covers_only_assistant_tokens(processor):
     p = pack([ex, ex])
     batch = collate([p, ex], tok.pad_token_id, packed=True)
     assert batch["position_ids"][0].tolist().count(0) == 2 and batch["pixel_values"].shape[0] == 3
-    assert (batch["labels"][1, len(ex):] == IGNORE_INDEX).all()
+    assert (batch["labels"][1, len(ex) :] == IGNORE_INDEX).all()
 
 
 # ------------------------------------------------------------------------------------------- stages
@@ -283,7 +373,7 @@ def test_alignment_trains_only_the_connector(tiny, run_root, processor, tmp_path
     model = load_vlm(tiny[0])
     before = _state(model)
     res = run_stage(model, "alignment", processor=processor, run_uri=run_root, cfg=_cfg(), out_dir=tmp_path)
-    assert res.completed and res.steps == 2 and all(l == l for l in res.losses)
+    assert res.completed and res.steps == 2 and all(x == x for x in res.losses)
     assert _diff_parts(before, _state(model)) == {"vision": False, "connector": True, "llm": False}
     assert (tmp_path / "model.safetensors").exists() and (tmp_path / "stage_result.json").exists()
 
@@ -299,17 +389,26 @@ def test_sft_trains_connector_and_llm_not_vision(tiny, run_root, processor, tmp_
 def uninterrupted(tiny, run_root, processor, tmp_path_factory):
     cfg = _cfg(steps=5, packing=True, max_seq_len=96, micro_batch_size=1, weight_decay=0.1)
     model = load_vlm(tiny[0])
-    res = run_stage(model, "sft", processor=processor, run_uri=run_root, cfg=cfg,
-                    out_dir=tmp_path_factory.mktemp("uninterrupted"))
+    res = run_stage(
+        model,
+        "sft",
+        processor=processor,
+        run_uri=run_root,
+        cfg=cfg,
+        out_dir=tmp_path_factory.mktemp("uninterrupted"),
+    )
     return cfg, model, res
 
 
 @pytest.mark.parametrize("stop_after", [2, 3])  # right at the step-2 checkpoint, or one step past it
-def test_resume_after_checkpoint_is_bit_identical(tiny, run_root, processor, tmp_path, uninterrupted, stop_after):
+def test_resume_after_checkpoint_is_bit_identical(
+    tiny, run_root, processor, tmp_path, uninterrupted, stop_after
+):
     cfg, full, ref = uninterrupted
     first = load_vlm(tiny[0])
-    part = run_stage(first, "sft", processor=processor, run_uri=run_root, cfg=cfg, out_dir=tmp_path,
-                     stop_after=stop_after)
+    part = run_stage(
+        first, "sft", processor=processor, run_uri=run_root, cfg=cfg, out_dir=tmp_path, stop_after=stop_after
+    )
     assert not part.completed and part.steps == stop_after
     del first
     second = load_vlm(tiny[0])  # a fresh process would start from the base weights again
@@ -350,7 +449,7 @@ def test_merge_tiny_model_math_and_layout(tiny, perturbed_text, tmp_path):
         assert merged.keys() == vlm.keys()
         for k, v in merged.items():
             if k.startswith("language_model.model."):
-                w = text["model." + k[len("language_model.model."):]]
+                w = text["model." + k[len("language_model.model.") :]]
                 assert torch.equal(v, {0.0: w, 1.0: vlm[k]}.get(alpha, alpha * vlm[k] + (1 - alpha) * w)), k
             else:  # vision tower + connector copied bit for bit
                 assert part_of(k) in ("vision", "connector") and torch.equal(v, vlm[k]), k
@@ -367,11 +466,18 @@ def test_merged_model_loads_and_generates(tiny, perturbed_text, processor, tmp_p
     proc = AutoProcessor.from_pretrained(d)
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is it?"}]}]
     text = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-    inputs = proc(text=text, images=[Image.new("RGB", (50, 50), COLORS["blue"])], return_tensors="pt",
-                  add_special_tokens=False)
+    inputs = proc(
+        text=text,
+        images=[Image.new("RGB", (50, 50), COLORS["blue"])],
+        return_tensors="pt",
+        add_special_tokens=False,
+    )
     out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert out.shape[1] > inputs["input_ids"].shape[1]
-    want = _tensors(perturbed_text)["model.norm.weight"] * 0.6 + 0.4 * _tensors(tiny[0])["language_model.model.norm.weight"]
+    want = (
+        _tensors(perturbed_text)["model.norm.weight"] * 0.6
+        + 0.4 * _tensors(tiny[0])["language_model.model.norm.weight"]
+    )
     assert torch.equal(model.model.language_model.norm.weight.detach(), want)
 
 
@@ -383,16 +489,25 @@ def test_merge_other_layout_and_untied_head(tmp_path):
     vlm, text = tmp_path / "vlm", tmp_path / "text"
     vlm.mkdir()
     text.mkdir()
-    v = {"model.language_model.embed_tokens.weight": r(10, 4), "model.language_model.norm.weight": r(4),
-         "lm_head.weight": r(10, 4), "model.vision_tower.x": r(3), "model.multi_modal_projector.y": r(2, 2)}
+    v = {
+        "model.language_model.embed_tokens.weight": r(10, 4),
+        "model.language_model.norm.weight": r(4),
+        "lm_head.weight": r(10, 4),
+        "model.vision_tower.x": r(3),
+        "model.multi_modal_projector.y": r(2, 2),
+    }
     t = {"model.embed_tokens.weight": r(10, 4), "model.norm.weight": r(4)}
     save_file(v, str(vlm / "model.safetensors"), metadata={"format": "pt"})
     save_file(t, str(text / "model.safetensors"), metadata={"format": "pt"})
     (text / "config.json").write_text(json.dumps({"tie_word_embeddings": True}))
     got = _tensors(merge_llm(vlm, text, tmp_path / "out", 0.4))
-    assert torch.equal(got["lm_head.weight"], 0.4 * v["lm_head.weight"] + 0.6 * t["model.embed_tokens.weight"])
-    assert torch.equal(got["model.language_model.norm.weight"], 0.4 * v["model.language_model.norm.weight"]
-                       + 0.6 * t["model.norm.weight"])
+    assert torch.equal(
+        got["lm_head.weight"], 0.4 * v["lm_head.weight"] + 0.6 * t["model.embed_tokens.weight"]
+    )
+    assert torch.equal(
+        got["model.language_model.norm.weight"],
+        0.4 * v["model.language_model.norm.weight"] + 0.6 * t["model.norm.weight"],
+    )
     assert torch.equal(got["model.vision_tower.x"], v["model.vision_tower.x"])
     (text / "config.json").write_text(json.dumps({"tie_word_embeddings": False}))
     with pytest.raises(ValueError, match="not tied"):
@@ -453,24 +568,45 @@ def test_merge_peak_memory_is_a_few_tensors(tmp_path):
     g = torch.Generator().manual_seed(0)
     for i in range(n // 8):  # sharded inputs: 3 files per model, with an index for the VLM
         chunk = {f"layers.{j}.w": torch.randn(shape, generator=g) for j in range(8 * i, 8 * i + 8)}
-        save_file({f"language_model.model.{k}": v for k, v in chunk.items()}
-                  | ({"vision_tower.vision_model.w": torch.randn(256, 256, generator=g)} if i == 0 else {}),
-                  str(vlm / f"model-{i}.safetensors"), metadata={"format": "pt"})
-        save_file({f"model.{k}": v + 1 for k, v in chunk.items()}, str(text / f"model-{i}.safetensors"),
-                  metadata={"format": "pt"})
+        save_file(
+            {f"language_model.model.{k}": v for k, v in chunk.items()}
+            | ({"vision_tower.vision_model.w": torch.randn(256, 256, generator=g)} if i == 0 else {}),
+            str(vlm / f"model-{i}.safetensors"),
+            metadata={"format": "pt"},
+        )
+        save_file(
+            {f"model.{k}": v + 1 for k, v in chunk.items()},
+            str(text / f"model-{i}.safetensors"),
+            metadata={"format": "pt"},
+        )
     wm = {}
     for i in range(n // 8):
         with safe_open(str(vlm / f"model-{i}.safetensors"), "pt") as f:
             wm.update({k: f"model-{i}.safetensors" for k in f.keys()})
     (vlm / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
-    (text / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {
-        k.replace("language_model.model.", "model."): v for k, v in wm.items() if k.startswith("language_")}}))
+    (text / "model.safetensors.index.json").write_text(
+        json.dumps(
+            {
+                "metadata": {},
+                "weight_map": {
+                    k.replace("language_model.model.", "model."): v
+                    for k, v in wm.items()
+                    if k.startswith("language_")
+                },
+            }
+        )
+    )
     (vlm / "config.json").write_text("{}")
 
     env = dict(os.environ, PYTHONPATH=str(SRC), MALLOC_MMAP_THRESHOLD_="65536", MALLOC_ARENA_MAX="1")
     out = tmp_path / "merged"
-    proc = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(vlm), str(text), str(out), str(40 << 20)],
-                          env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT, str(vlm), str(text), str(out), str(40 << 20)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     peak = json.loads(proc.stdout.strip().splitlines()[-1])["peak_delta"]
     model_bytes = n * tensor_bytes
@@ -489,8 +625,9 @@ def test_train_and_merge_end_to_end(tiny, run_root, tmp_path):
     from babelsynth.train.pipeline import train_and_merge
 
     cfg = TrainConfig.smoke(steps=2)
-    summary = train_and_merge(str(Path(run_root) / "manifest.json"), str(tiny[0]), str(tiny[1]),
-                              str(tmp_path / "out"), cfg)
+    summary = train_and_merge(
+        str(Path(run_root) / "manifest.json"), str(tiny[0]), str(tiny[1]), str(tmp_path / "out"), cfg
+    )
     out = tmp_path / "out"
     for d in ("alignment", "sft", "merged", "merged_a0.30", "merged_a0.50"):
         assert (out / d / "config.json").exists(), d
@@ -521,9 +658,24 @@ def test_merged_checkpoint_is_served_by_vllm(models, tmp_path):
     Image.new("RGB", (56, 56), COLORS["red"]).save(buf, format="PNG")
     url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
     with VLLMServer(d, served_model_name="merged", work_dir=tmp_path / "vllm") as srv:
-        r = httpx.post(f"{srv.url}/chat/completions", timeout=60, json={
-            "model": "merged", "max_tokens": 8, "temperature": 0, "messages": [{"role": "user", "content": [
-                {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is this?"}]}]})
+        r = httpx.post(
+            f"{srv.url}/chat/completions",
+            timeout=60,
+            json={
+                "model": "merged",
+                "max_tokens": 8,
+                "temperature": 0,
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image_url", "image_url": {"url": url}},
+                            {"type": "text", "text": "What is this?"},
+                        ],
+                    }
+                ],
+            },
+        )
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] > 0
 

@@ -41,7 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--per-task", type=int, default=12)
 
     for name in ("plan", "run-stage", "write", "commit", "run", "regate"):
-        p = sub.add_parser(name, help="re-apply (changed) gates to a finished run; no model call" if name == "regate" else None)
+        p = sub.add_parser(
+            name,
+            help="re-apply (changed) gates to a finished run; no model call" if name == "regate" else None,
+        )
         p.add_argument("--config", required=True)
         p.add_argument("--run-id", required=True)
         p.add_argument("--set", action="append", default=[], help="dotted override, e.g. run.limit=8")
@@ -50,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         if name == "run-stage":
             p.add_argument("--stage", required=True)
 
-    t = sub.add_parser("train", help="SFT (alignment, then SFT) on a run's shards, then the cross-modal merge")
+    t = sub.add_parser(
+        "train", help="SFT (alignment, then SFT) on a run's shards, then the cross-modal merge"
+    )
     t.add_argument("--manifest", required=True, help="manifest.json URI of a finished run")
     t.add_argument("--recipe", required=True, help="training YAML, e.g. configs/train_aya_vision_8b.yaml")
     t.add_argument("--out", default=None, help="checkpoint dir; default <run>/training")

@@ -20,9 +20,16 @@ from babelsynth.languages import AYA_TARGETS, validate_codes
 
 Mode = Literal["enforce", "report"]
 TASK_TYPES = (
-    "captioning", "vqa", "ocr", "chart", "table", "reasoning", "textbook", "two_image_difference",
+    "captioning",
+    "vqa",
+    "ocr",
+    "chart",
+    "table",
+    "reasoning",
+    "textbook",
+    "two_image_difference",
     "screenshot_code",
-)  # fmt: skip
+)
 
 
 class _Base(BaseModel):
@@ -37,8 +44,10 @@ class OpenAIHTTPBackend(_Base):
     model: str
     api_key_env: str | None = Field(None, description="env var holding the API key; never logged")
     api_key_conn_id: str | None = Field(
-        None, description="Airflow connection whose password is the API key (AIRFLOW_CONN_<ID> or the running "
-        "task's Airflow); used when api_key_env is unset or empty; never logged")
+        None,
+        description="Airflow connection whose password is the API key (AIRFLOW_CONN_<ID> or the running "
+        "task's Airflow); used when api_key_env is unset or empty; never logged",
+    )
     max_concurrency: int = Field(16, ge=1, le=1024)
     timeout_s: float = Field(120.0, gt=0)
     max_retries: int = Field(4, ge=0, le=20)
@@ -53,7 +62,9 @@ class VLLMOfflineBackend(_Base):
     kind: Literal["vllm_offline"] = "vllm_offline"
     model: str = Field(description="id recorded in outputs and cache keys (same role as a served model name)")
     path: str = Field(description="local HF model directory; never a hub id")
-    python: str | None = Field(None, description="vLLM venv python; default $BABELSYNTH_VLLM_PYTHON or .venv-vllm")
+    python: str | None = Field(
+        None, description="vLLM venv python; default $BABELSYNTH_VLLM_PYTHON or .venv-vllm"
+    )
     max_model_len: int = Field(4096, ge=64)
     dtype: str = "auto"
     kv_cache_memory_bytes: int | None = Field(None, ge=1 << 20)
@@ -70,15 +81,34 @@ ChatBackendConfig = Annotated[OpenAIHTTPBackend | VLLMOfflineBackend, Field(disc
 class CT2NLLBBackend(_Base):
     kind: Literal["ct2_nllb"] = "ct2_nllb"
     path: str = Field(description="CTranslate2 NLLB dir holding sentencepiece.bpe.model")
-    model_id: str | None = Field(None, description="id recorded in outputs and cache keys; defaults to the dir name")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when a GPU is visible, else CPU")
-    compute_type: Literal[
-        "default", "auto", "int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16", "float16", "bfloat16",
-        "float32",
-    ] | None = Field(None, description="default: int8_float16 on CUDA, int8 on CPU")  # fmt: skip
+    model_id: str | None = Field(
+        None, description="id recorded in outputs and cache keys; defaults to the dir name"
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: CUDA when a GPU is visible, else CPU"
+    )
+    compute_type: (
+        Literal[
+            "default",
+            "auto",
+            "int8",
+            "int8_float32",
+            "int8_float16",
+            "int8_bfloat16",
+            "int16",
+            "float16",
+            "bfloat16",
+            "float32",
+        ]
+        | None
+    ) = Field(None, description="default: int8_float16 on CUDA, int8 on CPU")
     beam_size: int = Field(4, ge=1, le=16)
-    max_batch_tokens: int = Field(4096, ge=64, description="translate_batch max_batch_size with batch_type=tokens")
-    max_input_tokens: int = Field(200, ge=8, le=1024, description="longer segments are split, never truncated")
+    max_batch_tokens: int = Field(
+        4096, ge=64, description="translate_batch max_batch_size with batch_type=tokens"
+    )
+    max_input_tokens: int = Field(
+        200, ge=8, le=1024, description="longer segments are split, never truncated"
+    )
     max_decoding_length: int = Field(256, ge=8, description="an output reaching it is flagged as truncated")
     inter_threads: int = Field(1, ge=1)
     intra_threads: int = Field(1, ge=0, description="1 per engine is fastest on a small CPU box")
@@ -116,7 +146,7 @@ class RunSection(_Base):
         return validate_codes(v)
 
     @model_validator(mode="after")
-    def _ratios(self) -> "RunSection":
+    def _ratios(self) -> RunSection:
         validate_codes(list(self.language_ratios))
         for k, r in self.language_ratios.items():
             if not 0 < r <= 1:
@@ -153,8 +183,10 @@ class FilterSection(_Base):
 
 class TranslateSection(_Base):
     truncation: Mode = Field(
-        "enforce", description="an output with a segment that hit the decoding limit or came back empty is dropped"
-        " (enforce) or flagged (report)")  # fmt: skip
+        "enforce",
+        description="an output with a segment that hit the decoding limit or came back empty is dropped"
+        " (enforce) or flagged (report)",
+    )
 
 
 class RephraseSection(_Base):
@@ -164,8 +196,11 @@ class RephraseSection(_Base):
     seed: int = 0
     selection_margin: float = Field(0.02, ge=0, description="keep rephrase unless its QE is worse by more")
     prompt_version: int = 1
-    keep_structure: bool = Field(True, description="a rephrase that loses a protected span (code, URL, "
-                                 "placeholder) or changes the line structure of the draft keeps the draft")
+    keep_structure: bool = Field(
+        True,
+        description="a rephrase that loses a protected span (code, URL, "
+        "placeholder) or changes the line structure of the draft keeps the draft",
+    )
 
 
 class Gate(_Base):
@@ -184,7 +219,7 @@ class CometGate(Gate):
     per_lang_quantile: dict[str, float] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _one_rule(self) -> "CometGate":
+    def _one_rule(self) -> CometGate:
         if self.threshold is not None and self.quantile is not None:
             raise ValueError("gates.comet: set threshold or quantile, not both")
         both = set(self.per_lang) & set(self.per_lang_quantile)
@@ -210,22 +245,44 @@ class LangIDGate(Gate):
 
 # Typical chars(translation) / chars(English) per language, x0.5 .. x2 (zh ~0.3, ja ~0.45, ko ~0.5).
 _TYPICAL_LENGTH_RATIO = {
-    "arb_Arab": 0.8, "ces_Latn": 0.9, "deu_Latn": 1.1, "ell_Grek": 1.1, "fra_Latn": 1.1, "heb_Hebr": 0.75,
-    "hin_Deva": 1.0, "ind_Latn": 1.05, "ita_Latn": 1.05, "jpn_Jpan": 0.45, "kor_Hang": 0.5, "nld_Latn": 1.05,
-    "pes_Arab": 0.85, "pol_Latn": 1.0, "por_Latn": 1.05, "ron_Latn": 1.05, "rus_Cyrl": 1.0, "spa_Latn": 1.1,
-    "tur_Latn": 0.95, "ukr_Cyrl": 0.95, "vie_Latn": 1.0, "zho_Hans": 0.3, "zho_Hant": 0.3,
-}  # fmt: skip
+    "arb_Arab": 0.8,
+    "ces_Latn": 0.9,
+    "deu_Latn": 1.1,
+    "ell_Grek": 1.1,
+    "fra_Latn": 1.1,
+    "heb_Hebr": 0.75,
+    "hin_Deva": 1.0,
+    "ind_Latn": 1.05,
+    "ita_Latn": 1.05,
+    "jpn_Jpan": 0.45,
+    "kor_Hang": 0.5,
+    "nld_Latn": 1.05,
+    "pes_Arab": 0.85,
+    "pol_Latn": 1.0,
+    "por_Latn": 1.05,
+    "ron_Latn": 1.05,
+    "rus_Cyrl": 1.0,
+    "spa_Latn": 1.1,
+    "tur_Latn": 0.95,
+    "ukr_Cyrl": 0.95,
+    "vie_Latn": 1.0,
+    "zho_Hans": 0.3,
+    "zho_Hant": 0.3,
+}
 
 
 class LengthRatioGate(Gate):
     min: float = Field(0.3, gt=0, description="band for languages without a per_lang entry")
     max: float = Field(3.0, gt=0)
     per_lang: dict[str, tuple[float, float]] = Field(
-        default_factory=lambda: {k: (round(v * 0.5, 3), round(v * 2.0, 3)) for k, v in _TYPICAL_LENGTH_RATIO.items()},
-        description="[min, max] per language; the default covers the 23 targets (replace it whole to change)")
+        default_factory=lambda: {
+            k: (round(v * 0.5, 3), round(v * 2.0, 3)) for k, v in _TYPICAL_LENGTH_RATIO.items()
+        },
+        description="[min, max] per language; the default covers the 23 targets (replace it whole to change)",
+    )
 
     @model_validator(mode="after")
-    def _bands(self) -> "LengthRatioGate":
+    def _bands(self) -> LengthRatioGate:
         for k, (lo, hi) in {"*": (self.min, self.max), **self.per_lang}.items():
             if not 0 < lo < hi:
                 raise ValueError(f"gates.length_ratio band for {k} must have 0 < min < max, got [{lo}, {hi}]")

@@ -17,7 +17,8 @@ import regex
 _WORD = regex.compile(r"[\p{L}\p{M}\p{N}]+")
 
 REFUSAL = re.compile(
-    r"\b(i'?m sorry|i am sorry|i apologi[sz]e|i can(?:not|'t) (?:help|assist|see|view|determine|provide|answer)"
+    r"\b(i'?m sorry|i am sorry|i apologi[sz]e"
+    r"|i can(?:not|'t) (?:help|assist|see|view|determine|provide|answer)"
     r"|as an ai\b|as a language model|i'?m unable to|i am unable to|unable to (?:see|view) the image"
     r"|there is no image|cannot be determined from the image)",
     re.IGNORECASE,
@@ -34,9 +35,20 @@ _MC_GT = re.compile(r"^\(?([A-H])\)?[.)]?$")  # a multiple-choice ground truth: 
 # the option a text picks: "the answer is B", "option (B)", "B) ..." at the start; the letter is upper case
 _MC_PICK = re.compile(r"\b(?i:answer|option|choice)\s*(?:is|:)?\s*\(?([A-H])\b\)?|^\s*\(?([A-H])\)[\s.:]")
 _NUMBER_WORDS = {
-    "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6", "seven": "7",
-    "eight": "8", "nine": "9", "ten": "10", "eleven": "11", "twelve": "12",
-}  # fmt: skip
+    "zero": "0",
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
+    "eleven": "11",
+    "twelve": "12",
+}
 
 
 def extract_tag(text: str, tag: str) -> str | None:
@@ -126,21 +138,33 @@ def rule_repetition_loop(c: Candidate, min_words: int = 20, max_repeated: float 
 
 
 def check_recaption(c: Candidate, min_words: int = 3) -> list[str]:
-    rules = (rule_truncated, rule_missing_tag, make_rule_empty(min_words), rule_refusal, rule_prompt_echo,
-             rule_gt_contradiction, rule_repetition_loop)  # fmt: skip
+    rules = (
+        rule_truncated,
+        rule_missing_tag,
+        make_rule_empty(min_words),
+        rule_refusal,
+        rule_prompt_echo,
+        rule_gt_contradiction,
+        rule_repetition_loop,
+    )
     return [r for r in (rule(c) for rule in rules) if r]
 
 
 # ---------------------------------------------------------------- teacher metrics per task type
 # ratio -> (numerator, denominator): derived from additive counters, recomputed after every merge.
 RATIOS = {
-    "stage1_flag_rate": ("stage1_flagged", "records"), "stage1_drop_rate": ("stage1_dropped", "records"),
+    "stage1_flag_rate": ("stage1_flagged", "records"),
+    "stage1_drop_rate": ("stage1_dropped", "records"),
     "regeneration_rate": ("regenerated", "records"),
-    "words_before_mean": ("words_before", "measured"), "words_after_mean": ("words_after", "measured"),
-    "tokens_before_mean": ("tokens_before", "tokens_measured"), "tokens_after_mean": ("tokens_after", "tokens_measured"),
-    "mtld_before_mean": ("mtld_before_sum", "mtld_before_n"), "mtld_after_mean": ("mtld_after_sum", "mtld_after_n"),
-    "stage2_no_rate": ("stage2_no", "judged"), "stage2_drop_rate": ("stage2_dropped", "judged"),
-}  # fmt: skip
+    "words_before_mean": ("words_before", "measured"),
+    "words_after_mean": ("words_after", "measured"),
+    "tokens_before_mean": ("tokens_before", "tokens_measured"),
+    "tokens_after_mean": ("tokens_after", "tokens_measured"),
+    "mtld_before_mean": ("mtld_before_sum", "mtld_before_n"),
+    "mtld_after_mean": ("mtld_after_sum", "mtld_after_n"),
+    "stage2_no_rate": ("stage2_no", "judged"),
+    "stage2_drop_rate": ("stage2_dropped", "judged"),
+}
 
 
 def with_ratios(counters: dict) -> dict:

@@ -6,10 +6,30 @@ SOURCE_LANG = "eng_Latn"
 
 # The paper's 23 NLLB targets (zho_Hans and zho_Hant both; see notes/paper.md section 1).
 AYA_TARGETS: tuple[str, ...] = (
-    "arb_Arab", "ces_Latn", "deu_Latn", "ell_Grek", "fra_Latn", "heb_Hebr", "hin_Deva", "ind_Latn",
-    "ita_Latn", "jpn_Jpan", "kor_Hang", "nld_Latn", "pes_Arab", "pol_Latn", "por_Latn", "ron_Latn",
-    "rus_Cyrl", "spa_Latn", "tur_Latn", "ukr_Cyrl", "vie_Latn", "zho_Hans", "zho_Hant",
-)  # fmt: skip
+    "arb_Arab",
+    "ces_Latn",
+    "deu_Latn",
+    "ell_Grek",
+    "fra_Latn",
+    "heb_Hebr",
+    "hin_Deva",
+    "ind_Latn",
+    "ita_Latn",
+    "jpn_Jpan",
+    "kor_Hang",
+    "nld_Latn",
+    "pes_Arab",
+    "pol_Latn",
+    "por_Latn",
+    "ron_Latn",
+    "rus_Cyrl",
+    "spa_Latn",
+    "tur_Latn",
+    "ukr_Cyrl",
+    "vie_Latn",
+    "zho_Hans",
+    "zho_Hant",
+)
 
 # FLORES-200 codes as carried by the NLLB-200 tokenizer.
 FLORES_200: frozenset[str] = frozenset(
@@ -34,14 +54,31 @@ vec_Latn vie_Latn war_Latn wol_Latn xho_Latn ydd_Hebr yor_Latn yue_Hant zho_Hans
 
 # English names, used in rephrase prompts ("make it natural in {language}").
 LANGUAGE_NAMES: dict[str, str] = {
-    "eng_Latn": "English", "arb_Arab": "Arabic", "ces_Latn": "Czech", "deu_Latn": "German",
-    "ell_Grek": "Greek", "fra_Latn": "French", "heb_Hebr": "Hebrew", "hin_Deva": "Hindi",
-    "ind_Latn": "Indonesian", "ita_Latn": "Italian", "jpn_Jpan": "Japanese", "kor_Hang": "Korean",
-    "nld_Latn": "Dutch", "pes_Arab": "Persian", "pol_Latn": "Polish", "por_Latn": "Portuguese",
-    "ron_Latn": "Romanian", "rus_Cyrl": "Russian", "spa_Latn": "Spanish", "tur_Latn": "Turkish",
-    "ukr_Cyrl": "Ukrainian", "vie_Latn": "Vietnamese", "zho_Hans": "Simplified Chinese",
+    "eng_Latn": "English",
+    "arb_Arab": "Arabic",
+    "ces_Latn": "Czech",
+    "deu_Latn": "German",
+    "ell_Grek": "Greek",
+    "fra_Latn": "French",
+    "heb_Hebr": "Hebrew",
+    "hin_Deva": "Hindi",
+    "ind_Latn": "Indonesian",
+    "ita_Latn": "Italian",
+    "jpn_Jpan": "Japanese",
+    "kor_Hang": "Korean",
+    "nld_Latn": "Dutch",
+    "pes_Arab": "Persian",
+    "pol_Latn": "Polish",
+    "por_Latn": "Portuguese",
+    "ron_Latn": "Romanian",
+    "rus_Cyrl": "Russian",
+    "spa_Latn": "Spanish",
+    "tur_Latn": "Turkish",
+    "ukr_Cyrl": "Ukrainian",
+    "vie_Latn": "Vietnamese",
+    "zho_Hans": "Simplified Chinese",
     "zho_Hant": "Traditional Chinese",
-}  # fmt: skip
+}
 
 
 def validate_codes(codes: list[str]) -> list[str]:

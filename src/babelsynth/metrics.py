@@ -19,8 +19,16 @@ _SPACED = regex.compile(r"[\p{L}\p{M}\p{N}]+(?:['’][\p{L}\p{M}]+)*")
 _WORDISH = regex.compile(r"[\p{L}\p{N}]")
 _NUMERIC = regex.compile(r"^[\p{N}.,]+$")
 # Scripts written without spaces between words -> ICU locale for the dictionary word breaker.
-_ICU_LOCALE = {"Hans": "zh_Hans", "Hant": "zh_Hant", "Jpan": "ja", "Thai": "th", "Laoo": "lo", "Khmr": "km",
-               "Mymr": "my", "Tibt": "bo"}  # fmt: skip
+_ICU_LOCALE = {
+    "Hans": "zh_Hans",
+    "Hant": "zh_Hant",
+    "Jpan": "ja",
+    "Thai": "th",
+    "Laoo": "lo",
+    "Khmr": "km",
+    "Mymr": "my",
+    "Tibt": "bo",
+}
 
 
 def _script(lang: str) -> str:
@@ -81,16 +89,19 @@ def repetition(text: str, lang: str, max_unit: int = 8) -> float:
             else:
                 i += 1
     loop_share = sum(covered) / n
-    grams = [g for g in (tuple(toks[i : i + 4]) for i in range(n - 3)) if not all(_NUMERIC.match(t) for t in g)]
+    grams = [
+        g for g in (tuple(toks[i : i + 4]) for i in range(n - 3)) if not all(_NUMERIC.match(t) for t in g)
+    ]
     dup_share = 1.0 - len(set(grams)) / len(grams) if grams else 0.0
     return 1.0 if longest >= 4 else max(loop_share, dup_share)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Language and script identification
 
 # Common characters whose Simplified and Traditional forms differ (simplified, traditional), for zho_Hans vs
-# zho_Hant; characters whose simplified form is also normal Traditional usage (里 台 准 干 后 ...) are left out.
+# zho_Hant; characters whose simplified form is also normal Traditional usage (里 台 准 干 后 ...)
+# are left out.
 _HANS_HANT = (
     "这這个個们們来來时時说說会會对對过過为為学學国國发發经經现現动動还還进進开開关關问問长長门門见見车車东東"
     "马馬书書头頭边邊从從样樣办辦区區级級产產华華电電话話写寫气氣栋棟爱愛买買卖賣读讀认認识識语語请請谢謝让讓"
@@ -119,10 +130,18 @@ assert not _SIMP & _TRAD, "a character is listed as both Simplified and Traditio
 
 # Letters by Unicode script, for the dominant-script check (code spans and URLs are removed first).
 _SCRIPTS = {
-    "Latn": r"\p{Latin}", "Cyrl": r"\p{Cyrillic}", "Arab": r"\p{Arabic}", "Grek": r"\p{Greek}",
-    "Hebr": r"\p{Hebrew}", "Deva": r"\p{Devanagari}", "Hang": r"[\p{Hangul}\p{Han}]",
-    "Jpan": r"[\p{Han}\p{Hiragana}\p{Katakana}]", "Hans": r"\p{Han}", "Hant": r"\p{Han}", "Thai": r"\p{Thai}",
-}  # fmt: skip
+    "Latn": r"\p{Latin}",
+    "Cyrl": r"\p{Cyrillic}",
+    "Arab": r"\p{Arabic}",
+    "Grek": r"\p{Greek}",
+    "Hebr": r"\p{Hebrew}",
+    "Deva": r"\p{Devanagari}",
+    "Hang": r"[\p{Hangul}\p{Han}]",
+    "Jpan": r"[\p{Han}\p{Hiragana}\p{Katakana}]",
+    "Hans": r"\p{Han}",
+    "Hant": r"\p{Han}",
+    "Thai": r"\p{Thai}",
+}
 _SCRIPT_RE = {k: regex.compile(v) for k, v in _SCRIPTS.items()}
 _LETTER = regex.compile(r"\p{L}")
 _PROTECTED = regex.compile(
@@ -135,13 +154,31 @@ _PROTECTED = regex.compile(
 )  # placeholders: {{var}}, {name}, {0}, %s, %(name)s
 
 _LINGUA = {
-    "eng_Latn": "ENGLISH", "arb_Arab": "ARABIC", "ces_Latn": "CZECH", "deu_Latn": "GERMAN", "ell_Grek": "GREEK",
-    "fra_Latn": "FRENCH", "heb_Hebr": "HEBREW", "hin_Deva": "HINDI", "ind_Latn": "INDONESIAN",
-    "ita_Latn": "ITALIAN", "jpn_Jpan": "JAPANESE", "kor_Hang": "KOREAN", "nld_Latn": "DUTCH",
-    "pes_Arab": "PERSIAN", "pol_Latn": "POLISH", "por_Latn": "PORTUGUESE", "ron_Latn": "ROMANIAN",
-    "rus_Cyrl": "RUSSIAN", "spa_Latn": "SPANISH", "tur_Latn": "TURKISH", "ukr_Cyrl": "UKRAINIAN",
-    "vie_Latn": "VIETNAMESE", "zho_Hans": "CHINESE", "zho_Hant": "CHINESE",
-}  # fmt: skip
+    "eng_Latn": "ENGLISH",
+    "arb_Arab": "ARABIC",
+    "ces_Latn": "CZECH",
+    "deu_Latn": "GERMAN",
+    "ell_Grek": "GREEK",
+    "fra_Latn": "FRENCH",
+    "heb_Hebr": "HEBREW",
+    "hin_Deva": "HINDI",
+    "ind_Latn": "INDONESIAN",
+    "ita_Latn": "ITALIAN",
+    "jpn_Jpan": "JAPANESE",
+    "kor_Hang": "KOREAN",
+    "nld_Latn": "DUTCH",
+    "pes_Arab": "PERSIAN",
+    "pol_Latn": "POLISH",
+    "por_Latn": "PORTUGUESE",
+    "ron_Latn": "ROMANIAN",
+    "rus_Cyrl": "RUSSIAN",
+    "spa_Latn": "SPANISH",
+    "tur_Latn": "TURKISH",
+    "ukr_Cyrl": "UKRAINIAN",
+    "vie_Latn": "VIETNAMESE",
+    "zho_Hans": "CHINESE",
+    "zho_Hant": "CHINESE",
+}
 _FROM_LINGUA = {v: k for k, v in _LINGUA.items() if k != "zho_Hant"}
 
 
@@ -202,15 +239,20 @@ def langid_candidates(run_languages: Sequence[str]) -> tuple[str, ...]:
     return tuple(sorted(set(AYA_TARGETS) | set(run_languages) | {SOURCE_LANG}))
 
 
-def langid(texts: Sequence[str], langs: Sequence[str], candidates: tuple[str, ...]) -> list[tuple[str | None, float | None]]:
+def langid(
+    texts: Sequence[str], langs: Sequence[str], candidates: tuple[str, ...]
+) -> list[tuple[str | None, float | None]]:
     """(detected code with script, confidence that the text is in its target) per text.
 
     Confidence is lingua's for the target language, and 0.0 when the script is wrong (zho_Hant text for a
-    zho_Hans target, Hindi in Latin letters). (None, None) for languages lingua lacks or text without letters."""
+    zho_Hans target, Hindi in Latin letters). (None, None) for languages lingua lacks or text without
+    letters."""
     det = _detector(candidates)
     clean = [strip_protected(t) for t in texts]
     todo = [i for i, (t, lg) in enumerate(zip(clean, langs)) if lg in _LINGUA and _LETTER.search(t)]
-    values = [det.compute_language_confidence_values(clean[i]) for i in todo]  # serial beat the parallel API here
+    values = [
+        det.compute_language_confidence_values(clean[i]) for i in todo
+    ]  # serial beat the parallel API here
     out: list[tuple[str | None, float | None]] = [(None, None)] * len(texts)
     for i, vals in zip(todo, values):
         text, lang = clean[i], langs[i]
@@ -218,7 +260,9 @@ def langid(texts: Sequence[str], langs: Sequence[str], candidates: tuple[str, ..
         top = vals[0].language.name if vals else None
         detected = _FROM_LINGUA.get(top) if top else None
         if top == "CHINESE":
-            detected = "zho_" + (chinese_script(text) or (_script(lang) if lang.startswith("zho_") else "Hans"))
+            detected = "zho_" + (
+                chinese_script(text) or (_script(lang) if lang.startswith("zho_") else "Hans")
+            )
         script = dominant_script(text, lang)
         if detected == lang and script is not None and script != _script(lang):
             detected = f"{lang.split('_')[0]}_{script}"  # right language, wrong script (e.g. hin_Latn)

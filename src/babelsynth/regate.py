@@ -25,7 +25,14 @@ from collections import Counter, defaultdict
 from babelsynth import storage
 from babelsynth.config import RunConfig
 from babelsynth.languages import SOURCE_LANG
-from babelsynth.stages.score import GATE_REASONS, GATES, apply_gates, comet_rule, comet_thresholds, gate_results
+from babelsynth.stages.score import (
+    GATE_REASONS,
+    GATES,
+    apply_gates,
+    comet_rule,
+    comet_thresholds,
+    gate_results,
+)
 
 log = logging.getLogger(__name__)
 _MAY_DIFFER = ("gates", "cache_dir")
@@ -43,18 +50,27 @@ def scored_pool(doc: dict) -> list[dict]:
 
 
 def _outcome(kept: list[dict], rejected: list[dict]) -> list:
-    return sorted([("kept", r["source_id"], r["lang"], tuple(r["gate_flags"])) for r in kept] +
-                  [("rejected", r["source_id"], r["lang"], r["reason"]) for r in rejected])  # fmt: skip
+    return sorted(
+        [("kept", r["source_id"], r["lang"], tuple(r["gate_flags"])) for r in kept]
+        + [("rejected", r["source_id"], r["lang"], r["reason"]) for r in rejected]
+    )
 
 
 def _restat(stats: dict, kept: list[dict], rejected: list[dict]) -> dict:
     """The score stage's stats for new kept/rejected sets (in per language is unchanged)."""
     out_c = Counter(r["lang"] for r in kept)
     rej_c = Counter(r["lang"] for r in rejected)
-    by_lang = {lg: {"in": c["in"], "out": out_c.get(lg, 0), "rejected": rej_c.get(lg, 0)}
-               for lg, c in stats["by_lang"].items()}  # fmt: skip
-    return {**stats, "out": len(kept), "rejected": len(rejected), "by_lang": by_lang,
-            "reasons": dict(Counter(r["reason"] for r in rejected))}  # fmt: skip
+    by_lang = {
+        lg: {"in": c["in"], "out": out_c.get(lg, 0), "rejected": rej_c.get(lg, 0)}
+        for lg, c in stats["by_lang"].items()
+    }
+    return {
+        **stats,
+        "out": len(kept),
+        "rejected": len(rejected),
+        "by_lang": by_lang,
+        "reasons": dict(Counter(r["reason"] for r in rejected)),
+    }
 
 
 def gates_fingerprint(cfg: RunConfig, thresholds: dict[str, float | None]) -> str:
@@ -98,14 +114,24 @@ def run_gates(cfg: RunConfig, run_id: str, shards: list[int]) -> dict:
                 for f in old_files:
                     storage.delete(storage.join(root, f["path"]))
         all_rej = other + rejected
-        new = {**d, "rows": kept, "rejected": all_rej, "stats": _restat(d["stats"], kept, all_rej),
-               "gates_fingerprint": fp}  # fmt: skip
+        new = {
+            **d,
+            "rows": kept,
+            "rejected": all_rej,
+            "stats": _restat(d["stats"], kept, all_rej),
+            "gates_fingerprint": fp,
+        }
         storage.write_bytes(uri, runner._dump(new))
     if changed:
         log.info("gates changed the outcome of shard(s) %s", changed)
-    report = {"fingerprint": fp, "comet_min": {k: v for k, v in sorted(thresholds.items()) if v is not None},
-              "comet_rules": {lg: comet_rule(cfg, lg) for lg in sorted(langs) if comet_rule(cfg, lg) and lg != SOURCE_LANG},
-              "shards_regated": changed}  # fmt: skip
+    report = {
+        "fingerprint": fp,
+        "comet_min": {k: v for k, v in sorted(thresholds.items()) if v is not None},
+        "comet_rules": {
+            lg: comet_rule(cfg, lg) for lg in sorted(langs) if comet_rule(cfg, lg) and lg != SOURCE_LANG
+        },
+        "shards_regated": changed,
+    }
     return {"gates": report, "languages": summary.result()}
 
 
@@ -149,12 +175,20 @@ class LanguageSummary:
             a = self.acc[lang]
             mean = {k: round(a[f"sum_{k}"] / a[f"n_{k}"], 4) if a[f"n_{k}"] else None for k in self._MEANS}
             out[lang] = {
-                "rows": a["rows"], "kept": a["kept"], "comet_draft": mean["comet_draft"],
-                "comet_rephrase": mean["comet_rephrase"], "comet_final": mean["comet_final"],
-                "rephrase_selected": round(a["rephrase"] / a["rows"], 4), "comet_min": self.thresholds.get(lang),
-                "pass_rate": {g: round(a[f"pass_{g}"] / a[f"applies_{g}"], 4) if a[f"applies_{g}"] else None for g in GATES},
-                "gate_rows": {g: a[f"applies_{g}"] for g in GATES}, "mtld": mean["mtld"],
-            }  # fmt: skip
+                "rows": a["rows"],
+                "kept": a["kept"],
+                "comet_draft": mean["comet_draft"],
+                "comet_rephrase": mean["comet_rephrase"],
+                "comet_final": mean["comet_final"],
+                "rephrase_selected": round(a["rephrase"] / a["rows"], 4),
+                "comet_min": self.thresholds.get(lang),
+                "pass_rate": {
+                    g: round(a[f"pass_{g}"] / a[f"applies_{g}"], 4) if a[f"applies_{g}"] else None
+                    for g in GATES
+                },
+                "gate_rows": {g: a[f"applies_{g}"] for g in GATES},
+                "mtld": mean["mtld"],
+            }
         return out
 
 
@@ -166,12 +200,19 @@ def format_language_summary(languages: dict) -> list[str]:
     def f(v, w=7, p=3) -> str:
         return f"{v:>{w}.{p}f}" if isinstance(v, float | int) and v is not None else f"{'-':>{w}}"
 
-    head = f"{'lang':<10}{'rows':>6}{'kept':>6}{'draft':>7}{'final':>7}{'reph%':>7}" + "".join(f"{g[:6]:>8}" for g in GATES) + f"{'mtld':>7}"
+    head = (
+        f"{'lang':<10}{'rows':>6}{'kept':>6}{'draft':>7}{'final':>7}{'reph%':>7}"
+        + "".join(f"{g[:6]:>8}" for g in GATES)
+        + f"{'mtld':>7}"
+    )
     lines = ["", "quality (COMET mean draft -> final; pass rate per gate)", head]
     for lang, s in languages.items():
-        lines.append(f"{lang:<10}{s['rows']:>6}{s['kept']:>6}{f(s['comet_draft'])}{f(s['comet_final'])}"
-                     f"{f(s['rephrase_selected'])}" + "".join(f(s["pass_rate"][g], 8, 2) for g in GATES)
-                     + f(s["mtld"], 7, 1))  # fmt: skip
+        lines.append(
+            f"{lang:<10}{s['rows']:>6}{s['kept']:>6}{f(s['comet_draft'])}{f(s['comet_final'])}"
+            f"{f(s['rephrase_selected'])}"
+            + "".join(f(s["pass_rate"][g], 8, 2) for g in GATES)
+            + f(s["mtld"], 7, 1)
+        )
     return lines
 
 
@@ -192,7 +233,8 @@ def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
 def regate(cfg: RunConfig, run_id: str) -> dict:
     """Re-apply cfg's gates to a finished run: rewrite kept/rejected sets, counts and the manifest.
 
-    Only `gates` (and `cache_dir`) may differ from the config the run was made with. Returns the new manifest."""
+    Only `gates` (and `cache_dir`) may differ from the config the run was made with. Returns the new
+    manifest."""
     from babelsynth import runner
 
     root = runner.run_root(cfg, run_id)
@@ -203,13 +245,19 @@ def regate(cfg: RunConfig, run_id: str) -> dict:
     else:  # a regate that stopped half way: the manifest it moved away is the reference
         prev = [u for u in storage.list_prefix(hist) if u.endswith(".json")]
         if not prev:
-            raise RuntimeError(f"run {run_id} has no manifest.json under {root}: it is not finished; commit it first")
+            raise RuntimeError(
+                f"run {run_id} has no manifest.json under {root}: it is not finished; commit it first"
+            )
         old = json.loads(storage.read_bytes(prev[-1]))
     diff = _config_diff(old["config"], cfg.model_dump(mode="json"))
     if diff:
         raise ValueError(f"regate only re-applies gates; the config differs from the run's in: {diff}")
-    if storage.exists(man_uri):  # keep the old manifest, then unpublish it: the run is unfinished until commit
-        storage.write_bytes(storage.join(hist, f"manifest-{int(time.time() * 1000)}.json"), storage.read_bytes(man_uri))
+    if storage.exists(
+        man_uri
+    ):  # keep the old manifest, then unpublish it: the run is unfinished until commit
+        storage.write_bytes(
+            storage.join(hist, f"manifest-{int(time.time() * 1000)}.json"), storage.read_bytes(man_uri)
+        )
         storage.delete(man_uri)
     new = runner.commit(cfg, run_id)
     listed = {f["path"] for f in new["files"]}

@@ -86,8 +86,14 @@ def plan(cfg: RunConfig, run_id: str) -> list[int]:
     n = meta.num_rows if cfg.run.limit is None else min(meta.num_rows, cfg.run.limit)
     size = max(cfg.run.shard_size, math.ceil(n / cfg.run.max_shards))
     shards = list(range(math.ceil(n / size)))
-    doc = {"run_id": run_id, "input_uri": src, "records": n, "shard_size": size, "shards": shards,
-           "config_fingerprint": cfg.fingerprint()}  # fmt: skip
+    doc = {
+        "run_id": run_id,
+        "input_uri": src,
+        "records": n,
+        "shard_size": size,
+        "shards": shards,
+        "config_fingerprint": cfg.fingerprint(),
+    }
     storage.write_bytes(uri, json.dumps(doc, indent=1).encode())
     return shards
 
@@ -121,11 +127,17 @@ def _stats(stage: str, n_in: Counter, res: StageResult, seconds: float) -> dict:
     langs = sorted(set(n_in) | set(out_c) | set(rej_c))
     extra = {k: v for k, v in res.extra.items() if k != "images"}
     return {
-        "stage": stage, "in": sum(n_in.values()), "out": len(res.rows), "rejected": len(res.rejected),
-        "reasons": dict(Counter(r["reason"] for r in res.rejected)), "seconds": round(seconds, 3),
-        "by_lang": {lg: {"in": n_in.get(lg, 0), "out": out_c.get(lg, 0), "rejected": rej_c.get(lg, 0)} for lg in langs},
+        "stage": stage,
+        "in": sum(n_in.values()),
+        "out": len(res.rows),
+        "rejected": len(res.rejected),
+        "reasons": dict(Counter(r["reason"] for r in res.rejected)),
+        "seconds": round(seconds, 3),
+        "by_lang": {
+            lg: {"in": n_in.get(lg, 0), "out": out_c.get(lg, 0), "rejected": rej_c.get(lg, 0)} for lg in langs
+        },
         **extra,
-    }  # fmt: skip
+    }
 
 
 def _images_loader(root: str, shard: int):
@@ -152,10 +164,18 @@ def run_stage(cfg: RunConfig, run_id: str, stage: str, shard: int, cache: Cache 
     else:
         prev = _stage_uri(root, STAGE_NAMES[idx - 1], shard)
         if not storage.exists(prev):
-            raise RuntimeError(f"stage {stage} of shard {shard} needs {STAGE_NAMES[idx - 1]} first ({prev} missing)")
+            raise RuntimeError(
+                f"stage {stage} of shard {shard} needs {STAGE_NAMES[idx - 1]} first ({prev} missing)"
+            )
         rows = _load(prev)["rows"]
         n_in = Counter(r.get("lang") or SOURCE_LANG for r in rows)
-    ctx = Context(cfg, run_id, shard, cache or Cache(Path(cfg.cache_dir) / "requests.sqlite"), _images_loader(root, shard))
+    ctx = Context(
+        cfg,
+        run_id,
+        shard,
+        cache or Cache(Path(cfg.cache_dir) / "requests.sqlite"),
+        _images_loader(root, shard),
+    )
     t0 = time.perf_counter()
     res = BY_NAME[stage].fn(ctx, rows)
     if stage == "translate":  # the expansion into languages: count what was assigned, not the English rows
@@ -163,11 +183,20 @@ def run_stage(cfg: RunConfig, run_id: str, stage: str, shard: int, cache: Cache 
     stats = _stats(stage, n_in, res, time.perf_counter() - t0)
     if stage == "ingest":
         imgs = [{"image_id": k, **_image_meta(v)} for k, v in res.extra["images"].items()]
-        storage.write_bytes(storage.join(root, "_stages", "ingest", f"images-shard={shard:05d}.parquet"),
-                            _parquet_bytes(to_table("images", imgs)))  # fmt: skip
+        storage.write_bytes(
+            storage.join(root, "_stages", "ingest", f"images-shard={shard:05d}.parquet"),
+            _parquet_bytes(to_table("images", imgs)),
+        )
     storage.write_bytes(out_uri, _dump({"rows": res.rows, "rejected": res.rejected, "stats": stats}))
-    log.info("stage %s shard %d: in=%d out=%d rejected=%d (%.1fs)", stage, shard, stats["in"], stats["out"],
-             stats["rejected"], stats["seconds"])  # fmt: skip
+    log.info(
+        "stage %s shard %d: in=%d out=%d rejected=%d (%.1fs)",
+        stage,
+        shard,
+        stats["in"],
+        stats["out"],
+        stats["rejected"],
+        stats["seconds"],
+    )
     return stats
 
 
@@ -192,8 +221,11 @@ def write_shard(cfg: RunConfig, run_id: str, shard: int) -> dict:
     by_lang: dict[str, list[dict]] = defaultdict(list)
     for r in _load(last)["rows"]:
         row = {k: v for k, v in r.items() if k in sample_cols}
-        row.update(run_id=run_id, shard=shard,
-                   sample_id=hashlib.sha256(f"{r['source_id']}|{r['lang']}".encode()).hexdigest()[:24])  # fmt: skip
+        row.update(
+            run_id=run_id,
+            shard=shard,
+            sample_id=hashlib.sha256(f"{r['source_id']}|{r['lang']}".encode()).hexdigest()[:24],
+        )
         by_lang[r["lang"]].append(row)
     rejected = []
     for stage in STAGE_NAMES:
@@ -204,7 +236,11 @@ def write_shard(cfg: RunConfig, run_id: str, shard: int) -> dict:
         rel = f"samples/lang={lang}/part-{shard:05d}.parquet"
         files.append(_write_table(root, rel, to_table("samples", by_lang[lang]), "samples", lang))
     if rejected:
-        files.append(_write_table(root, f"rejected/part-{shard:05d}.parquet", to_table("rejected", rejected), "rejected"))
+        files.append(
+            _write_table(
+                root, f"rejected/part-{shard:05d}.parquet", to_table("rejected", rejected), "rejected"
+            )
+        )
     doc = {"shard": shard, "files": files}
     storage.write_bytes(done_uri, _dump(doc))
     return doc
@@ -213,8 +249,13 @@ def write_shard(cfg: RunConfig, run_id: str, shard: int) -> dict:
 def _write_table(root: str, rel: str, table, name: str, lang: str | None = None) -> dict:
     data = _parquet_bytes(table)
     storage.write_bytes(storage.join(root, rel), data)
-    entry = {"table": name, "path": rel, "rows": table.num_rows, "bytes": len(data),
-             "sha256": hashlib.sha256(data).hexdigest()}  # fmt: skip
+    entry = {
+        "table": name,
+        "path": rel,
+        "rows": table.num_rows,
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
     if lang:
         entry["lang"] = lang
     return entry
@@ -229,7 +270,9 @@ def commit(cfg: RunConfig, run_id: str, shards: list[int] | None = None) -> dict
         return json.loads(storage.read_bytes(man_uri))
     plan_doc = _plan_doc(root)
     shards = plan_doc["shards"] if shards is None else shards
-    from babelsynth.regate import run_gates  # run-level gates (COMET quantiles) + per-language summary; no model
+    from babelsynth.regate import (
+        run_gates,  # run-level gates (COMET quantiles) + per-language summary; no model
+    )
 
     gating = run_gates(cfg, run_id, shards)
     files: list[dict] = []
@@ -253,7 +296,9 @@ def commit(cfg: RunConfig, run_id: str, shards: list[int] | None = None) -> dict
                 seen.add(row["image_id"])
                 buf.append(row)
             if len(buf) >= IMAGES_PER_PART:
-                files.append(_write_table(root, f"images/part-{part:05d}.parquet", to_table("images", buf), "images"))
+                files.append(
+                    _write_table(root, f"images/part-{part:05d}.parquet", to_table("images", buf), "images")
+                )
                 part, buf = part + 1, []
     if buf or part == 0:
         files.append(_write_table(root, f"images/part-{part:05d}.parquet", to_table("images", buf), "images"))
@@ -262,19 +307,32 @@ def commit(cfg: RunConfig, run_id: str, shards: list[int] | None = None) -> dict
         if f["table"] == "samples":
             samples_by_lang[f["lang"]] += f["rows"]
     manifest = {
-        "run_id": run_id, "path": root, "created_unix": int(time.time()),
-        "input_uri": cfg.input_uri, "input_records": plan_doc["records"], "shards": len(shards),
+        "run_id": run_id,
+        "path": root,
+        "created_unix": int(time.time()),
+        "input_uri": cfg.input_uri,
+        "input_records": plan_doc["records"],
+        "shards": len(shards),
         "shard_size": plan_doc["shard_size"],
-        "schemas": {n: arrow_schema(n).metadata[b"babelsynth.schema"].decode() for n in ("samples", "images", "rejected")},
-        "config_fingerprint": cfg.fingerprint(), "config": cfg.model_dump(mode="json"),
-        "models": {"teacher": cfg.models.teacher.model, "judge": cfg.models.judge.model,
-                   "rephraser": cfg.models.rephraser.model,
-                   "translator": cfg.models.translator.model_id or Path(cfg.models.translator.path).name,
-                   "comet": cfg.models.comet.model_id or cfg.models.comet.path},
-        "stages": stage_totals, "samples_by_lang": dict(sorted(samples_by_lang.items())),
+        "schemas": {
+            n: arrow_schema(n).metadata[b"babelsynth.schema"].decode()
+            for n in ("samples", "images", "rejected")
+        },
+        "config_fingerprint": cfg.fingerprint(),
+        "config": cfg.model_dump(mode="json"),
+        "models": {
+            "teacher": cfg.models.teacher.model,
+            "judge": cfg.models.judge.model,
+            "rephraser": cfg.models.rephraser.model,
+            "translator": cfg.models.translator.model_id or Path(cfg.models.translator.path).name,
+            "comet": cfg.models.comet.model_id or cfg.models.comet.path,
+        },
+        "stages": stage_totals,
+        "samples_by_lang": dict(sorted(samples_by_lang.items())),
         "rejected_total": sum(f["rows"] for f in files if f["table"] == "rejected"),
-        "images": len(seen), "files": files,
-    }  # fmt: skip
+        "images": len(seen),
+        "files": files,
+    }
     manifest.update(gates=gating["gates"], languages=gating["languages"])
     manifest["reconciliation"] = reconcile(manifest)
     if not manifest["reconciliation"]["ok"]:
@@ -345,19 +403,28 @@ def run_all(cfg: RunConfig, run_id: str) -> dict:
 
 def summary(manifest: dict) -> str:
     """Human summary: records in, kept and rejected per stage and per language, wall time per stage."""
-    lines = [f"run {manifest['run_id']}: {manifest['input_records']} input records, {manifest['shards']} shard(s)",
-             f"output: {manifest['path']}", "", f"{'stage':<10}{'in':>7}{'kept':>7}{'rejected':>10}{'seconds':>9}  reasons"]  # fmt: skip
+    lines = [
+        f"run {manifest['run_id']}: {manifest['input_records']} input records, {manifest['shards']} shard(s)",
+        f"output: {manifest['path']}",
+        "",
+        f"{'stage':<10}{'in':>7}{'kept':>7}{'rejected':>10}{'seconds':>9}  reasons",
+    ]
     for name, s in manifest["stages"].items():
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(s["reasons"].items())) or "-"
         lines.append(f"{name:<10}{s['in']:>7}{s['out']:>7}{s['rejected']:>10}{s['seconds']:>9.1f}  {reasons}")
     lines += ["", f"{'lang':<10}{'assigned':>9}{'kept':>7}{'rejected':>10}"]
     tr, sc = manifest["stages"]["translate"]["by_lang"], manifest["stages"]["score"]["by_lang"]
     for lang in sorted(tr):
-        rej = sum(manifest["stages"][n]["by_lang"].get(lang, {}).get("rejected", 0) for n in ("translate", "rephrase", "score"))
+        rej = sum(
+            manifest["stages"][n]["by_lang"].get(lang, {}).get("rejected", 0)
+            for n in ("translate", "rephrase", "score")
+        )
         lines.append(f"{lang:<10}{tr[lang]['in']:>9}{sc.get(lang, {}).get('out', 0):>7}{rej:>10}")
     from babelsynth.regate import format_language_summary
 
     lines += format_language_summary(manifest.get("languages", {}))
-    lines.append(f"\nimages: {manifest['images']}, rejected rows: {manifest['rejected_total']}, "
-                 f"reconciled: {manifest['reconciliation']['ok']}")  # fmt: skip
+    lines.append(
+        f"\nimages: {manifest['images']}, rejected rows: {manifest['rejected_total']}, "
+        f"reconciled: {manifest['reconciliation']['ok']}"
+    )
     return "\n".join(lines)

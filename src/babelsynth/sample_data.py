@@ -11,8 +11,14 @@ import random
 
 from babelsynth.schema import to_table
 
-COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30),
-           "purple": (140, 60, 170), "orange": (240, 140, 30)}  # fmt: skip
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 200, 30),
+    "purple": (140, 60, 170),
+    "orange": (240, 140, 30),
+}
 SHAPES = ("circle", "square", "triangle")
 WORDS = ("HELLO", "OPEN", "EXIT", "SALE", "STOP", "CAFE", "BOOKS", "TAXI")
 
@@ -54,8 +60,16 @@ def make_samples(n_per_task: int = 12, seed: int = 0, bad: bool = True) -> list[
     rows: list[dict] = []
 
     def add(task, q, a, images, source="babelsynth-sample"):
-        rows.append({"source_id": f"{task}-{len(rows):04d}", "task_type": task, "question": q, "answer": a,
-                     "images": images, "source": source})  # fmt: skip
+        rows.append(
+            {
+                "source_id": f"{task}-{len(rows):04d}",
+                "task_type": task,
+                "question": q,
+                "answer": a,
+                "images": images,
+                "source": source,
+            }
+        )
 
     for _ in range(n_per_task):  # captioning
         c, s = rng.choice(list(COLOURS)), rng.choice(SHAPES)
@@ -83,11 +97,22 @@ def make_samples(n_per_task: int = 12, seed: int = 0, bad: bool = True) -> list[
             d.rectangle((x, 200 - v * 20, x + 30, 200), fill=COLOURS["blue"])
             d.text((x + 10, 205), lab, fill=(0, 0, 0), font=_font(14))
         top = labels[vals.index(max(vals))]
-        add("chart", "Which bar in the chart is the tallest?", top if vals.count(max(vals)) == 1 else
-            ", ".join(lab for lab, v in zip(labels, vals) if v == max(vals)), [_png(im)])  # fmt: skip
+        add(
+            "chart",
+            "Which bar in the chart is the tallest?",
+            top
+            if vals.count(max(vals)) == 1
+            else ", ".join(lab for lab, v in zip(labels, vals) if v == max(vals)),
+            [_png(im)],
+        )
     if bad:
         im, d = _canvas()
-        add("captioning", "Describe the image briefly.", "A blank image.", [b"\x89PNG\r\n\x1a\nnot really a png"])
+        add(
+            "captioning",
+            "Describe the image briefly.",
+            "A blank image.",
+            [b"\x89PNG\r\n\x1a\nnot really a png"],
+        )
         add("vqa", "", "3", [_png(im)])
         add("captioning", "Describe the image briefly.", "word " * 5000, [_png(im)])
     return rows

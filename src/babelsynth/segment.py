@@ -57,7 +57,9 @@ _PIPE = re.compile(r"(?<!\\)\|")
 # Sentence ends: terminal punctuation, optional closing quotes/brackets, whitespace, then a non-lowercase.
 _SENT_END = re.compile(r"[.!?…。！？]+[\"'”’)\]]*(\s+)(?=[^\s])")
 _NO_SPLIT_AFTER = frozenset(
-    "mr mrs ms dr prof sr jr st vs fig figs no nos vol eq eqs cf e.g i.e approx al ca resp ref refs sec".split()
+    (
+        "mr mrs ms dr prof sr jr st vs fig figs no nos vol eq eqs cf e.g i.e approx al ca resp ref refs sec"
+    ).split()
 )
 _LETTER = re.compile(r"[^\W\d_]")
 

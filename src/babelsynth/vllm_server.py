@@ -11,12 +11,15 @@ Command line (see ``VLLMServer.command``)::
     <python> -m vllm.entrypoints.openai.api_server --model DIR --served-model-name NAME --host 127.0.0.1
         --port PORT --max-model-len N --enforce-eager --dtype bfloat16 --kv-cache-memory-bytes B --seed 0
         [--limit-mm-per-prompt '{"image": 2}']            # for vision-language models
-        --structured-outputs-config '{"backend": "xgrammar", "disable_any_whitespace": true}'   # default, optional
+        --structured-outputs-config '{"backend": "xgrammar", "disable_any_whitespace": true}'   # default,
+        optional
 
 Environment given to the child: ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (engine in-process: ~3x less RAM and much
-faster start on CPU), ``HF_HUB_OFFLINE=1``, ``TRANSFORMERS_OFFLINE=1``, ``VLLM_CACHE_ROOT`` / ``XDG_CACHE_HOME``
+faster start on CPU), ``HF_HUB_OFFLINE=1``, ``TRANSFORMERS_OFFLINE=1``, ``VLLM_CACHE_ROOT`` /
+``XDG_CACHE_HOME``
 under ``work_dir``, no usage stats; ``VLLM_CPU_KVCACHE_SPACE`` is removed because it silently overrides
-``--kv-cache-memory-bytes``. The child runs in its own session (process group); :meth:`stop` SIGTERMs the group and
+``--kv-cache-memory-bytes``. The child runs in its own session (process group); :meth:`stop` SIGTERMs the
+group and
 SIGKILLs it after a grace period, :meth:`kill` SIGKILLs at once (fault injection).
 
 Structured output in vLLM 0.32 is requested with ``{"structured_outputs": {"choice": [...]}}`` (or ``"json":
@@ -134,9 +137,13 @@ class VLLMServer:
         self.seed = seed
         self.multimodal = is_multimodal_model(self.model_dir) if multimodal is None else multimodal
         self.limit_mm_per_prompt = dict(limit_mm_per_prompt or {"image": 2})
-        self.structured_outputs_config = dict(structured_outputs_config) if structured_outputs_config else None
+        self.structured_outputs_config = (
+            dict(structured_outputs_config) if structured_outputs_config else None
+        )
         self.python = Path(python) if python is not None else default_vllm_python()
-        self.work_dir = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="vllm-server-"))
+        self.work_dir = (
+            Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="vllm-server-"))
+        )
         self._log_path_arg = Path(log_path) if log_path is not None else None
         self.startup_timeout = startup_timeout
         self.stop_grace = stop_grace
@@ -147,7 +154,8 @@ class VLLMServer:
         self._log_fh: Any = None
         self._lock = threading.Lock()
 
-    # ------------------------------------------------------------------------------------------------ properties
+    # ------------------------------------------------------------------------------------------------
+    # properties
     @property
     def url(self) -> str:
         """OpenAI base URL, e.g. ``http://127.0.0.1:8011/v1``."""
@@ -167,15 +175,30 @@ class VLLMServer:
 
     def command(self) -> list[str]:
         cmd = [
-            str(self.python), "-m", "vllm.entrypoints.openai.api_server",
-            "--model", str(self.model_dir), "--served-model-name", self.served_model_name,
-            "--host", self.host, "--port", str(self.port),
-            "--max-model-len", str(self.max_model_len), "--enforce-eager", "--dtype", self.dtype,
-            "--kv-cache-memory-bytes", str(self.kv_cache_memory_bytes), "--seed", str(self.seed),
+            str(self.python),
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(self.model_dir),
+            "--served-model-name",
+            self.served_model_name,
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--max-model-len",
+            str(self.max_model_len),
+            "--enforce-eager",
+            "--dtype",
+            self.dtype,
+            "--kv-cache-memory-bytes",
+            str(self.kv_cache_memory_bytes),
+            "--seed",
+            str(self.seed),
             # CPU vLLM 0.32: a seeded request hit by a partial prefill kills the engine
             # ("RuntimeError: CPU Generator does not use offset"); whole prefills avoid that path.
             "--no-enable-chunked-prefill",
-        ]  # fmt: skip
+        ]
         if self.multimodal:
             cmd += ["--limit-mm-per-prompt", json.dumps(self.limit_mm_per_prompt)]
         if self.structured_outputs_config:
@@ -200,7 +223,8 @@ class VLLMServer:
         env.update(self.extra_env)
         return env
 
-    # ------------------------------------------------------------------------------------------------ lifecycle
+    # ------------------------------------------------------------------------------------------------
+    # lifecycle
     def start(self) -> VLLMServer:
         """Start the server and block until ``/health`` answers 200 (raises :class:`VLLMServerError`)."""
         if not self.python.exists():
@@ -230,19 +254,24 @@ class VLLMServer:
                 raise VLLMServerError(f"server already running (pid {self.proc.pid})")
             self.work_dir.mkdir(parents=True, exist_ok=True)
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            self._log_fh = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+            self._log_fh = open(self.log_path, "ab")
             self._log_fh.write(f"\n=== babelsynth: {' '.join(self.command())}\n".encode())
             self._log_fh.flush()
             self._t0 = time.monotonic()
             self.proc = subprocess.Popen(
-                self.command(), stdin=subprocess.DEVNULL, stdout=self._log_fh, stderr=subprocess.STDOUT,
-                env=self.child_env(), cwd=str(self.work_dir), start_new_session=True,
-            )  # fmt: skip
+                self.command(),
+                stdin=subprocess.DEVNULL,
+                stdout=self._log_fh,
+                stderr=subprocess.STDOUT,
+                env=self.child_env(),
+                cwd=str(self.work_dir),
+                start_new_session=True,
+            )
             _LIVE.add(self)
 
     def health(self, timeout: float = 2.0) -> bool:
         try:
-            with urllib.request.urlopen(f"{self.root_url}/health", timeout=timeout) as r:  # noqa: S310 (local)
+            with urllib.request.urlopen(f"{self.root_url}/health", timeout=timeout) as r:
                 return r.status == 200
         except (urllib.error.URLError, OSError, ValueError):
             return False
@@ -279,7 +308,7 @@ class VLLMServer:
             os.killpg(self.proc.pid, sig)  # start_new_session=True: pgid == pid
 
     def stop(self, grace: float | None = None) -> int | None:
-        """SIGTERM the process group, SIGKILL after ``grace`` seconds; return the exit code (None if never started)."""
+        """SIGTERM the process group, SIGKILL after ``grace`` s; the exit code (None if never started)."""
         grace = self.stop_grace if grace is None else grace
         with self._lock:
             if self.proc is None:

@@ -98,11 +98,11 @@ def image_data_url(data: bytes, max_side: int) -> str:
     with Image.open(io.BytesIO(data)) as im:
         if max(im.size) <= max_side and im.format in _MIME:
             return f"data:{_MIME[im.format]};base64," + base64.b64encode(data).decode()
-        im = im.convert("RGB")
-        if max(im.size) > max_side:
-            im.thumbnail((max_side, max_side))
+        rgb = im.convert("RGB")
+        if max(rgb.size) > max_side:
+            rgb.thumbnail((max_side, max_side))
         buf = io.BytesIO()
-        im.save(buf, format="PNG")
+        rgb.save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
@@ -233,9 +233,15 @@ class ChatClient:
             raise (first or errors)[0]
         return out  # type: ignore[return-value]
 
-    async def _send(self, client: httpx.AsyncClient, url: str, body: dict, counter: str,
-                    abort: asyncio.Event | None = None) -> httpx.Response:
-        """POST with retries on timeouts, transport errors, 429 and 5xx; BackendError naming the URL after that."""
+    async def _send(
+        self,
+        client: httpx.AsyncClient,
+        url: str,
+        body: dict,
+        counter: str,
+        abort: asyncio.Event | None = None,
+    ) -> httpx.Response:
+        """POST, retrying timeouts, transport errors, 429 and 5xx; then BackendError naming the URL."""
         last, tries = "", 0
         for attempt in range(self.cfg.max_retries + 1):
             if attempt:
@@ -255,9 +261,11 @@ class ChatClient:
                 log.info("retrying %s after attempt %d: %s", url, tries, last)
                 continue
             if r.status_code in _FATAL_4XX:
-                raise BackendError(f"model server at {url} (model {self.cfg.model!r}) answered HTTP {r.status_code}: "
-                                   f"{r.text[:200]} (check the URL, the model name and the API key)",
-                                   status=r.status_code)  # fmt: skip
+                raise BackendError(
+                    f"model server at {url} (model {self.cfg.model!r}) answered HTTP {r.status_code}: "
+                    f"{r.text[:200]} (check the URL, the model name and the API key)",
+                    status=r.status_code,
+                )
             return r
         raise BackendError(
             f"model server at {url} (model {self.cfg.model!r}) failed after {tries} attempts: {last}"
@@ -301,8 +309,12 @@ class ChatClient:
                     return
                 async with sem:
                     try:
-                        r = await self._send(client, url, {"model": self.cfg.model, "prompt": text,
-                                                           "add_special_tokens": False}, "tokenize_sent")  # fmt: skip
+                        r = await self._send(
+                            client,
+                            url,
+                            {"model": self.cfg.model, "prompt": text, "add_special_tokens": False},
+                            "tokenize_sent",
+                        )
                     except BackendError as e:
                         if e.status in (404, 405):
                             self._tokenize_ok = False

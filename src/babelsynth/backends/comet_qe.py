@@ -92,7 +92,9 @@ def plan_chunks(src: str, mt: str, count: Callable[[str], int], budget: int) -> 
     cur_s: list[str] = []
     cur_n = 0
     for ms, ss in groups:
-        n = sum(map(count, ms)) + sum(map(count, ss)) + len(ms) + len(ss)  # +1 per join: merges can add a token
+        n = (
+            sum(map(count, ms)) + sum(map(count, ss)) + len(ms) + len(ss)
+        )  # +1 per join: merges can add a token
         if cur_m and cur_n + n > budget and "".join(cur_s).strip():
             chunks.append(Chunk("".join(cur_s), "".join(cur_m), max(count("".join(cur_m)), 1)))
             cur_m, cur_s, cur_n = [], [], 0
@@ -148,14 +150,18 @@ class CometScorer:
 
     def score(self, pairs: list[tuple[str, str]]) -> list[float]:
         """QE score per (source, translation) pair, in input order."""
-        keys = [cache_key(kind="comet", model=self.model_id, window=self.window, src=s, mt=t) for s, t in pairs]
+        keys = [
+            cache_key(kind="comet", model=self.model_id, window=self.window, src=s, mt=t) for s, t in pairs
+        ]
         hits = self.cache.get_many(keys) if self.cache else {}
         todo = sorted({k: i for i, k in enumerate(keys) if k not in hits}.values())
         if todo:
             count = self._counter([t for i in todo for t in pairs[i]])
             plans = {i: plan_chunks(pairs[i][0], pairs[i][1], count, self.budget) for i in todo}
             self.split_pairs += sum(len(p) > 1 for p in plans.values())
-            uniq = sorted({(c.src, c.mt) for p in plans.values() for c in p}, key=lambda sm: count(sm[0]) + count(sm[1]))
+            uniq = sorted(
+                {(c.src, c.mt) for p in plans.values() for c in p}, key=lambda sm: count(sm[0]) + count(sm[1])
+            )
             self.tokens_scored += sum(count(s) + count(m) for s, m in uniq)
             chunk_score = dict(zip(uniq, self._predict(uniq)))
             fresh = {}
@@ -172,6 +178,7 @@ class CometScorer:
         self.calls += 1
         self.segments_scored += len(sorted_pairs)
         data = [{"src": s, "mt": t} for s, t in sorted_pairs]
-        out = self.model.predict(data, batch_size=self.cfg.batch_size, gpus=self.gpus, progress_bar=False,
-                                 length_batching=False)  # fmt: skip
+        out = self.model.predict(
+            data, batch_size=self.cfg.batch_size, gpus=self.gpus, progress_bar=False, length_batching=False
+        )
         return [float(x) for x in out.scores]

@@ -35,7 +35,9 @@ CONTROL_TOKENS: frozenset[str] = FLORES_200 | {"<s>", "<pad>", "<mask>", EOS}
 _NO_SPACE_SCRIPTS = ("_Hans", "_Hant", "_Jpan", "_Thai", "_Khmr", "_Laoo", "_Mymr", "_Tibt")
 _CLAUSE_END = re.compile(r"[,;:)\]»”\"'、，；：]$")
 CACHE_VERSION = 2  # bump when the decoding or cleaning of outputs, or the cached value, changes
-MAX_SEGMENTS_PER_CALL = 8192  # unique (segment, target) pairs per engine call: memory stays flat on big shards
+MAX_SEGMENTS_PER_CALL = (
+    8192  # unique (segment, target) pairs per engine call: memory stays flat on big shards
+)
 
 
 class SegmentResult(NamedTuple):
@@ -130,20 +132,32 @@ class NLLBTranslator:
         path = Path(cfg.path)
         spm_file = path / "sentencepiece.bpe.model"
         if not (path / "model.bin").exists() or not spm_file.exists():
-            raise FileNotFoundError(f"{path} is not a CTranslate2 NLLB dir (needs model.bin and sentencepiece.bpe.model)")
+            raise FileNotFoundError(
+                f"{path} is not a CTranslate2 NLLB dir (needs model.bin and sentencepiece.bpe.model)"
+            )
         self.cfg = cfg
         self.cache = cache
         self.model_id = cfg.model_id or path.name
-        self.device, self.compute_type = select_device(cfg.device, cfg.compute_type, ctranslate2.get_cuda_device_count())
+        self.device, self.compute_type = select_device(
+            cfg.device, cfg.compute_type, ctranslate2.get_cuda_device_count()
+        )
         self.sp = spm.SentencePieceProcessor(model_file=str(spm_file))
         self.engine = _engine(str(path), self.device, self.compute_type, cfg.inter_threads, cfg.intra_threads)
         vocab = _vocabulary(path)  # suppress only tokens the model has (an unknown one would map to <unk>)
         self._suppress = None if vocab is None else [[t] for t in sorted((CONTROL_TOKENS - {EOS}) & vocab)]
         c = cfg
-        self._key_prefix = cache_key(kind="nllb", v=CACHE_VERSION, model=self.model_id, compute=self.compute_type,
-                                     beam=c.beam_size, max_in=c.max_input_tokens, max_dec=c.max_decoding_length,
-                                     suppress=self._suppress is not None)  # fmt: skip
-        # engine_calls, segments_translated (unique segment x target sent), chunks, cache_hits, max_source_tokens
+        self._key_prefix = cache_key(
+            kind="nllb",
+            v=CACHE_VERSION,
+            model=self.model_id,
+            compute=self.compute_type,
+            beam=c.beam_size,
+            max_in=c.max_input_tokens,
+            max_dec=c.max_decoding_length,
+            suppress=self._suppress is not None,
+        )
+        # engine_calls, segments_translated (unique segment x target sent), chunks, cache_hits,
+        # max_source_tokens
         self.stats: Counter[str] = Counter()
 
     @property
@@ -159,7 +173,7 @@ class NLLBTranslator:
         return hashlib.sha256(f"{self._key_prefix}\x00{tgt}\x00{seg}".encode()).hexdigest()
 
     def translate_segments(self, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], SegmentResult]:
-        """{(segment, target): result}: cache first, then the engine for the rest, in calls of bounded size."""
+        """{(segment, target): result}: cache first, then the engine for the rest, in bounded calls."""
         uniq = sorted(set(pairs))
         keys = {p: self._key(*p) for p in uniq} if self.cache else {}
         hits = self.cache.get_many(list(keys.values())) if self.cache else {}
@@ -177,23 +191,32 @@ class NLLBTranslator:
         limit = self.cfg.max_input_tokens - 2  # room for the source code and </s>
         jobs: list[tuple[tuple[str, str], int, list[str]]] = []
         texts = sorted({seg for seg, _ in todo})  # a segment wanted in several targets is encoded once
-        chunks = dict(zip(texts, (chunk_tokens(x, limit) for x in self.sp.encode(texts, out_type=str)), strict=True))
+        chunks = dict(
+            zip(texts, (chunk_tokens(x, limit) for x in self.sp.encode(texts, out_type=str)), strict=True)
+        )
         for p in todo:
             for i, toks in enumerate(chunks[p[0]]):
                 jobs.append((p, i, toks))
         jobs.sort(key=lambda j: len(j[2]))  # length-sorted: less padding per batch
         src = [[SOURCE_LANG, *toks, EOS] for _, _, toks in jobs]
-        # Asynchronous: results arrive batch by batch (length order, like `jobs`), so cleaning and decoding the
+        # Asynchronous: results arrive batch by batch (length order, like `jobs`), so cleaning and decoding
+        # the
         # finished ones overlaps with the engine working on the next batches.
         futures = self.engine.translate_batch(
-            src, target_prefix=[[p[1]] for p, _, _ in jobs], beam_size=self.cfg.beam_size,
-            max_batch_size=self.cfg.max_batch_tokens, batch_type="tokens", max_input_length=0,
-            max_decoding_length=self.cfg.max_decoding_length, return_end_token=True,
-            suppress_sequences=self._suppress, asynchronous=True,
-        )  # fmt: skip
+            src,
+            target_prefix=[[p[1]] for p, _, _ in jobs],
+            beam_size=self.cfg.beam_size,
+            max_batch_size=self.cfg.max_batch_tokens,
+            batch_type="tokens",
+            max_input_length=0,
+            max_decoding_length=self.cfg.max_decoding_length,
+            return_end_token=True,
+            suppress_sequences=self._suppress,
+            asynchronous=True,
+        )
         self.stats["engine_calls"] += 1
         self.stats["chunks"] += len(jobs)
-        self.stats["max_source_tokens"] = max(self.stats["max_source_tokens"], max(map(len, src)))
+        self.stats["max_source_tokens"] = max(self.stats["max_source_tokens"], *map(len, src))
         parts: dict[tuple[str, str], dict[int, str]] = {p: {} for p in todo}
         trunc = dict.fromkeys(todo, False)
         for (p, i, _), fut in zip(jobs, futures, strict=True):
@@ -202,14 +225,19 @@ class NLLBTranslator:
             parts[p][i] = self.sp.decode(toks).strip()
         self.stats["segments_translated"] += len(todo)
         return {
-            p: SegmentResult(_joiner(p[1]).join(x for _, x in sorted(parts[p].items()) if x), trunc[p],
-                             sum(not x for x in parts[p].values()))
+            p: SegmentResult(
+                _joiner(p[1]).join(x for _, x in sorted(parts[p].items()) if x),
+                trunc[p],
+                sum(not x for x in parts[p].values()),
+            )
             for p in todo
-        }  # fmt: skip
+        }
 
     def translate_many(self, jobs: list[tuple[str, str]]) -> list[Translation]:
         """(text, target) pairs -> one Translation each; all targets share one engine call."""
-        by_text = {text: split(text) for text in {text for text, _ in jobs}}  # each text split once for all targets
+        by_text = {
+            text: split(text) for text in {text for text, _ in jobs}
+        }  # each text split once for all targets
         splits = [by_text[text] for text, _ in jobs]
         pairs = [(p.text, tgt) for (_, tgt), pieces in zip(jobs, splits) for p in pieces if p.translate]
         table = self.translate_segments(pairs) if pairs else {}

@@ -48,15 +48,22 @@ def _sampling(body: dict):
         raise ValueError(f"request fields not supported by the vllm_offline backend: {unknown}")
     so = body.get("structured_outputs")
     return SamplingParams(
-        max_tokens=body["max_tokens"], temperature=body.get("temperature", 1.0), top_p=body.get("top_p", 1.0),
-        seed=body.get("seed"), structured_outputs=StructuredOutputsParams(**so) if so else None,
-    )  # fmt: skip
+        max_tokens=body["max_tokens"],
+        temperature=body.get("temperature", 1.0),
+        top_p=body.get("top_p", 1.0),
+        seed=body.get("seed"),
+        structured_outputs=StructuredOutputsParams(**so) if so else None,
+    )
 
 
 def _result(out) -> dict:
     c = out.outputs[0]
-    return {"text": c.text, "finish_reason": c.finish_reason, "prompt_tokens": len(out.prompt_token_ids or []),
-            "completion_tokens": len(c.token_ids)}  # fmt: skip
+    return {
+        "text": c.text,
+        "finish_reason": c.finish_reason,
+        "prompt_tokens": len(out.prompt_token_ids or []),
+        "completion_tokens": len(c.token_ids),
+    }
 
 
 def _chat(llm, bodies: list[dict]) -> list[dict]:
@@ -72,7 +79,9 @@ def _chat(llm, bodies: list[dict]) -> list[dict]:
 
 def serve(spec: dict) -> None:
     """Worker loop: load the engine once, answer JSON-line requests until stdin closes."""
-    out = os.fdopen(os.dup(1), "w", buffering=1)  # private stdout for the protocol; vLLM's prints go to stderr
+    out = os.fdopen(
+        os.dup(1), "w", buffering=1
+    )  # private stdout for the protocol; vLLM's prints go to stderr
     os.dup2(2, 1)
 
     def emit(obj: dict) -> None:
@@ -82,8 +91,13 @@ def serve(spec: dict) -> None:
     import torch
 
     cpu = not torch.cuda.is_available()
-    args = {"model": spec["path"], "max_model_len": spec["max_model_len"], "dtype": spec["dtype"],
-            "limit_mm_per_prompt": spec["limit_mm_per_prompt"], "seed": 0}  # fmt: skip
+    args = {
+        "model": spec["path"],
+        "max_model_len": spec["max_model_len"],
+        "dtype": spec["dtype"],
+        "limit_mm_per_prompt": spec["limit_mm_per_prompt"],
+        "seed": 0,
+    }
     if spec.get("kv_cache_memory_bytes"):
         args["kv_cache_memory_bytes"] = spec["kv_cache_memory_bytes"]
     if cpu:  # CPU vLLM: a seeded request hit by a partial prefill kills the engine (see vllm_server.py)
@@ -130,21 +144,34 @@ class _Worker:
         for k in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "VLLM_CPU_KVCACHE_SPACE"):
             env.pop(k, None)
         env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in-process: less RAM, faster start
-        env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1",
-                   PYTHONUNBUFFERED="1")  # fmt: skip
+        env.update(
+            HF_HUB_OFFLINE="1",
+            TRANSFORMERS_OFFLINE="1",
+            VLLM_NO_USAGE_STATS="1",
+            DO_NOT_TRACK="1",
+            PYTHONUNBUFFERED="1",
+        )
         return env
 
     def start(self) -> None:
         from babelsynth.backends.chat_http import BackendError
 
         if not Path(self.python).exists():
-            raise BackendError(f"vLLM python not found: {self.python} (set BABELSYNTH_VLLM_PYTHON or run `make setup`)")
+            raise BackendError(
+                f"vLLM python not found: {self.python} (set BABELSYNTH_VLLM_PYTHON or run `make setup`)"
+            )
         self._lines = queue.Queue()  # fresh: a dead worker's end-of-stream marker must not leak into this one
-        log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
+        log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [self.python, str(_HERE), "--spec", json.dumps(self.spec)], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=log, env=self._env(), start_new_session=True, text=True, bufsize=1,
-        )  # fmt: skip
+            [self.python, str(_HERE), "--spec", json.dumps(self.spec)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            env=self._env(),
+            start_new_session=True,
+            text=True,
+            bufsize=1,
+        )
         log.close()
         threading.Thread(target=self._pump, args=(self.proc.stdout,), daemon=True).start()
         msg = self._next(self.startup_timeout)
@@ -163,7 +190,9 @@ class _Worker:
             line = self._lines.get(timeout=timeout)
         except queue.Empty:
             self.close()
-            raise BackendError(f"{self.label} gave no answer within {timeout:.0f}s:\n{self.log_tail()}") from None
+            raise BackendError(
+                f"{self.label} gave no answer within {timeout:.0f}s:\n{self.log_tail()}"
+            ) from None
         if line is None:
             rc = self.proc.wait() if self.proc else None
             raise BackendError(f"{self.label} exited with code {rc}:\n{self.log_tail()}")
@@ -215,9 +244,15 @@ _WLOCK = threading.Lock()
 def _worker_for(cfg: VLLMOfflineBackend) -> _Worker:
     from babelsynth.vllm_server import default_vllm_python
 
-    spec = {"path": str(Path(cfg.path).resolve()), "max_model_len": cfg.max_model_len, "dtype": cfg.dtype,
-            "kv_cache_memory_bytes": cfg.kv_cache_memory_bytes, "limit_mm_per_prompt": cfg.limit_mm_per_prompt,
-            "batch_size": cfg.batch_size, "engine_args": cfg.engine_args}  # fmt: skip
+    spec = {
+        "path": str(Path(cfg.path).resolve()),
+        "max_model_len": cfg.max_model_len,
+        "dtype": cfg.dtype,
+        "kv_cache_memory_bytes": cfg.kv_cache_memory_bytes,
+        "limit_mm_per_prompt": cfg.limit_mm_per_prompt,
+        "batch_size": cfg.batch_size,
+        "engine_args": cfg.engine_args,
+    }
     python = cfg.python or str(default_vllm_python())
     key = json.dumps([python, spec], sort_keys=True)
     with _WLOCK:
@@ -236,7 +271,7 @@ def close_all() -> None:
 
 
 class VLLMOfflineClient:
-    """Same interface as ChatClient (chat_many, count_tokens, sent, model_id), engine in a vLLM-venv worker."""
+    """Same interface as ChatClient (chat_many, count_tokens, ...), engine in a vLLM-venv worker."""
 
     def __init__(self, cfg: VLLMOfflineBackend, cache: Cache | None = None):
         self.cfg = cfg
@@ -262,7 +297,9 @@ class VLLMOfflineClient:
 
         keys = [self.key(r) for r in requests]
         hits = self.cache.get_many(keys) if self.cache else {}
-        out: list[ChatResult | None] = [ChatResult(**hits[k], cached=True) if k in hits else None for k in keys]
+        out: list[ChatResult | None] = [
+            ChatResult(**hits[k], cached=True) if k in hits else None for k in keys
+        ]
         todo = [i for i, r in enumerate(out) if r is None]
         # the same request twice in one call (identical body) is computed once
         uniq = list(dict.fromkeys(keys[i] for i in todo))
@@ -293,7 +330,9 @@ class VLLMOfflineClient:
         if todo:
             text_of = dict(zip(keys, texts))
             self.tokenize_sent += len(todo)
-            counts = _worker_for(self.cfg).call({"op": "tokenize", "texts": [text_of[k] for k in todo]})["counts"]
+            counts = _worker_for(self.cfg).call({"op": "tokenize", "texts": [text_of[k] for k in todo]})[
+                "counts"
+            ]
             new = {k: {"n": n} for k, n in zip(todo, counts)}
             if self.cache:
                 self.cache.put_many(new)

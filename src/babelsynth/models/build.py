@@ -15,9 +15,11 @@ Builders (each writes into ``out_dir`` and verifies its own output):
       hyp = translator.translate_batch([source], target_prefix=[["fra_Latn"]])[0].hypotheses[0]
       text = sp.decode(hyp[1:])                      # drop the forced target-language token
 
-* :func:`build_aya_vision` -- tiny AyaVision VLM (``out_dir/vlm``) and its text-only twin LLM (``out_dir/llm``);
+* :func:`build_aya_vision` -- tiny AyaVision VLM (``out_dir/vlm``) and its text-only twin LLM
+(``out_dir/llm``);
   see that function for the parameter-name mapping between them.
-* :func:`build_comet` -- tiny CometKiwi-style reference-free ``UnifiedMetric`` (``input_segments=["mt","src"]``).
+* :func:`build_comet` -- tiny CometKiwi-style reference-free ``UnifiedMetric``
+(``input_segments=["mt","src"]``).
 * :func:`build_all` -- all of the above under one root, cached by a stamp (config + source hash), built into a
   temporary directory and renamed into place, serialised by a file lock.
 """
@@ -52,22 +54,51 @@ NLLB_CONFIG: dict[str, Any] = {
     "seed": 0,
     "spm_vocab_size": 2000,
     "model": {
-        "d_model": 64, "encoder_layers": 2, "decoder_layers": 2, "encoder_attention_heads": 4,
-        "decoder_attention_heads": 4, "encoder_ffn_dim": 128, "decoder_ffn_dim": 128,
-        "max_position_embeddings": 1024, "activation_function": "relu", "scale_embedding": True,
-        "tie_word_embeddings": True, "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2,
-        "decoder_start_token_id": 2, "dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0,
+        "d_model": 64,
+        "encoder_layers": 2,
+        "decoder_layers": 2,
+        "encoder_attention_heads": 4,
+        "decoder_attention_heads": 4,
+        "encoder_ffn_dim": 128,
+        "decoder_ffn_dim": 128,
+        "max_position_embeddings": 1024,
+        "activation_function": "relu",
+        "scale_embedding": True,
+        "tie_word_embeddings": True,
+        "pad_token_id": 1,
+        "bos_token_id": 0,
+        "eos_token_id": 2,
+        "decoder_start_token_id": 2,
+        "dropout": 0.0,
+        "attention_dropout": 0.0,
+        "activation_dropout": 0.0,
         "init_std": 0.2,
     },
     "quantization": "int8",
-}  # fmt: skip
+}
 
 # Cohere / Aya special tokens. Ids are assigned in this order, starting at 0.
 AYA_SPECIAL_TOKENS: tuple[str, ...] = (
-    "<PAD>", "<UNK>", "<CLS>", "<SEP>", "<MASK_TOKEN>", "<BOS_TOKEN>", "<EOS_TOKEN>",
-    "<|START_OF_TURN_TOKEN|>", "<|END_OF_TURN_TOKEN|>", "<|USER_TOKEN|>", "<|CHATBOT_TOKEN|>", "<|SYSTEM_TOKEN|>",
-    "<|START_OF_IMG|>", "<|END_OF_IMG|>", "<|IMG_PATCH|>", "<|IMG_LINE_BREAK|>", "TILE", "TILE_GLOBAL", "<image>",
-)  # fmt: skip
+    "<PAD>",
+    "<UNK>",
+    "<CLS>",
+    "<SEP>",
+    "<MASK_TOKEN>",
+    "<BOS_TOKEN>",
+    "<EOS_TOKEN>",
+    "<|START_OF_TURN_TOKEN|>",
+    "<|END_OF_TURN_TOKEN|>",
+    "<|USER_TOKEN|>",
+    "<|CHATBOT_TOKEN|>",
+    "<|SYSTEM_TOKEN|>",
+    "<|START_OF_IMG|>",
+    "<|END_OF_IMG|>",
+    "<|IMG_PATCH|>",
+    "<|IMG_LINE_BREAK|>",
+    "TILE",
+    "TILE_GLOBAL",
+    "<image>",
+)
 
 AYA_CONFIG: dict[str, Any] = {
     "seed": 0,
@@ -76,17 +107,26 @@ AYA_CONFIG: dict[str, Any] = {
     "patch_size": 14,
     "downsample_factor": 2,
     "vision": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2},
-    # Cohere2 derives head_dim = hidden_size / num_attention_heads: 64 / 2 = 32 (vLLM CPU attention needs 32+).
+    # Cohere2 derives head_dim = hidden_size / num_attention_heads: 64 / 2 = 32 (vLLM CPU attention needs
+    # 32+).
     "text": {
-        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
-        "num_key_value_heads": 1, "layer_types": ["sliding_attention", "full_attention"], "sliding_window": 256,
-        "max_position_embeddings": 4096, "logit_scale": 1.0, "tie_word_embeddings": True,
-        # 0.4 instead of 0.02: with 0.02 the next-token distribution is ~uniform (entropy 7.50 of 7.51 nats), so a
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "layer_types": ["sliding_attention", "full_attention"],
+        "sliding_window": 256,
+        "max_position_embeddings": 4096,
+        "logit_scale": 1.0,
+        "tie_word_embeddings": True,
+        # 0.4 instead of 0.02: with 0.02 the next-token distribution is ~uniform (entropy 7.50 of 7.51 nats),
+        # so a
         # fixed sampling seed gives the SAME text for every prompt/image and greedy emits EOS at once (empty
         # output). 0.4 gives entropy ~4 nats: prompt-dependent samples and non-empty, varied greedy text.
         "initializer_range": 0.4,
     },
-}  # fmt: skip
+}
 
 COMET_CONFIG: dict[str, Any] = {
     "seed": 0,
@@ -128,7 +168,7 @@ VLM_TEXT_PREFIX = "model.language_model."
 LLM_TEXT_PREFIX = "model."
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # corpus
 
 
@@ -153,10 +193,19 @@ def _train_spm(model_file: Path, *, model_type: str, vocab_size: int) -> Path:
     lines = [s for sents in corpus_lines().values() for s in sents]
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=buf, model_type=model_type, vocab_size=vocab_size,
-        character_coverage=1.0, hard_vocab_limit=False, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        num_threads=1, minloglevel=2,
-    )  # fmt: skip
+        sentence_iterator=iter(lines),
+        model_writer=buf,
+        model_type=model_type,
+        vocab_size=vocab_size,
+        character_coverage=1.0,
+        hard_vocab_limit=False,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        num_threads=1,
+        minloglevel=2,
+    )
     model_file.parent.mkdir(parents=True, exist_ok=True)
     model_file.write_bytes(buf.getvalue())
     return model_file
@@ -177,7 +226,7 @@ def _offline_env() -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # NLLB + CTranslate2
 
 
@@ -202,14 +251,17 @@ def build_nllb(out_dir: Path) -> Path:
     (scratch / "spm").mkdir(parents=True, exist_ok=True)
 
     # (a) NLLB-style BPE sentencepiece: unk=0 bos=1 eos=2, no pad.
-    spm_file = _train_spm(scratch / "spm" / "sentencepiece.bpe.model", model_type="bpe",
-                          vocab_size=cfg["spm_vocab_size"])  # fmt: skip
+    spm_file = _train_spm(
+        scratch / "spm" / "sentencepiece.bpe.model", model_type="bpe", vocab_size=cfg["spm_vocab_size"]
+    )
 
     # (b) fairseq id layout + <mask> + all FLORES-200 codes as special tokens.
     if transformers.__version__.startswith("4."):
         from transformers import NllbTokenizerFast
 
-        NllbTokenizer(vocab_file=str(spm_file), src_lang=SOURCE_LANG).save_pretrained(str(scratch / "tok_slow"))
+        NllbTokenizer(vocab_file=str(spm_file), src_lang=SOURCE_LANG).save_pretrained(
+            str(scratch / "tok_slow")
+        )
         tok = NllbTokenizerFast.from_pretrained(str(scratch / "tok_slow"), src_lang=SOURCE_LANG)
     else:  # transformers 5.x: codes must be passed explicitly or they all map to <unk>
         from transformers.models.nllb.tokenization_nllb import FAIRSEQ_LANGUAGE_CODES
@@ -232,8 +284,16 @@ def build_nllb(out_dir: Path) -> Path:
 
     # (d) CTranslate2 conversion + tokenizer files for a torch-free runtime.
     ct2_dir = out_dir / "ct2"
-    copy = [f for f in ("sentencepiece.bpe.model", "tokenizer.json", "tokenizer_config.json",
-                        "special_tokens_map.json") if (hf_dir / f).exists()]  # fmt: skip
+    copy = [
+        f
+        for f in (
+            "sentencepiece.bpe.model",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+        )
+        if (hf_dir / f).exists()
+    ]
     TransformersConverter(str(hf_dir), copy_files=copy).convert(
         str(ct2_dir), quantization=cfg["quantization"], force=True
     )
@@ -247,7 +307,7 @@ def build_nllb(out_dir: Path) -> Path:
                 "compute_type": cfg["quantization"],
             },
             indent=1,
-        )  # fmt: skip
+        )
     )
     shutil.rmtree(scratch)
     _verify_nllb(ct2_dir)
@@ -259,18 +319,24 @@ def _verify_nllb(ct2_dir: Path) -> None:
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_file=str(ct2_dir / "sentencepiece.bpe.model"))
-    tr = ctranslate2.Translator(str(ct2_dir), device="cpu", compute_type="int8", inter_threads=1, intra_threads=1)
+    tr = ctranslate2.Translator(
+        str(ct2_dir), device="cpu", compute_type="int8", inter_threads=1, intra_threads=1
+    )
     text = corpus_lines([SOURCE_LANG])[SOURCE_LANG][0]
     src = [SOURCE_LANG] + sp.encode(text, out_type=str) + ["</s>"]
-    res = tr.translate_batch([src] * len(AYA_TARGETS), target_prefix=[[c] for c in AYA_TARGETS],
-                             beam_size=1, max_decoding_length=24)  # fmt: skip
+    res = tr.translate_batch(
+        [src] * len(AYA_TARGETS),
+        target_prefix=[[c] for c in AYA_TARGETS],
+        beam_size=1,
+        max_decoding_length=24,
+    )
     for code, r in zip(AYA_TARGETS, res, strict=True):
         hyp = r.hypotheses[0]
         if hyp[0] != code or not sp.decode(hyp[1:]).strip():
             raise RuntimeError(f"tiny NLLB produced no text for {code}: {hyp}")
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Aya Vision (VLM) + matching text-only Cohere2 LLM
 
 
@@ -284,19 +350,34 @@ def _train_aya_tokenizer(vocab_size: int, scratch: Path):
     tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
     tk.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
     ascii_alphabet = [chr(c) for c in range(33, 127)] + ["\n", "\t", "▁"]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(AYA_SPECIAL_TOKENS),
-                                  initial_alphabet=ascii_alphabet, min_frequency=2, show_progress=False)  # fmt: skip
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(AYA_SPECIAL_TOKENS),
+        initial_alphabet=ascii_alphabet,
+        min_frequency=2,
+        show_progress=False,
+    )
     lines = [s for sents in corpus_lines().values() for s in sents]
     tk.train_from_iterator(lines, trainer=trainer, length=len(lines))
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=tk, bos_token="<BOS_TOKEN>", eos_token="<|END_OF_TURN_TOKEN|>", unk_token="<UNK>",
-        pad_token="<PAD>", cls_token="<CLS>", sep_token="<SEP>", mask_token="<MASK_TOKEN>",
-        additional_special_tokens=[t for t in AYA_SPECIAL_TOKENS if t not in
-                                   ("<PAD>", "<UNK>", "<CLS>", "<SEP>", "<MASK_TOKEN>", "<BOS_TOKEN>")],
-        padding_side="left", model_max_length=AYA_CONFIG["text"]["max_position_embeddings"],
+        tokenizer_object=tk,
+        bos_token="<BOS_TOKEN>",
+        eos_token="<|END_OF_TURN_TOKEN|>",
+        unk_token="<UNK>",
+        pad_token="<PAD>",
+        cls_token="<CLS>",
+        sep_token="<SEP>",
+        mask_token="<MASK_TOKEN>",
+        additional_special_tokens=[
+            t
+            for t in AYA_SPECIAL_TOKENS
+            if t not in ("<PAD>", "<UNK>", "<CLS>", "<SEP>", "<MASK_TOKEN>", "<BOS_TOKEN>")
+        ],
+        padding_side="left",
+        model_max_length=AYA_CONFIG["text"]["max_position_embeddings"],
         model_input_names=["input_ids", "attention_mask"],  # no token_type_ids: generate() would reject them
         clean_up_tokenization_spaces=False,
-    )  # fmt: skip
+    )
     for i, t in enumerate(AYA_SPECIAL_TOKENS):
         if tok.convert_tokens_to_ids(t) != i:
             raise RuntimeError(f"special token {t} got id {tok.convert_tokens_to_ids(t)}, expected {i}")
@@ -327,7 +408,8 @@ def build_aya_vision(out_dir: Path) -> tuple[Path, Path]:
     VLM (``AyaVisionForConditionalGeneration``): SigLIP vision tower (56 px, patch 14, hidden 64, 2 layers,
     no head), pixel-shuffle (downsample 2) SwiGLU projector, Cohere2 text model (hidden 64, 2 layers, 2 heads,
     1 KV head, head_dim 32, sliding+full layers, ``logit_scale=1.0`` so HF and vLLM logits agree), processor =
-    ``AyaVisionProcessor(GotOcr2ImageProcessor 56x56, crop_to_patches=False, max_patches=1)``: one image becomes
+    ``AyaVisionProcessor(GotOcr2ImageProcessor 56x56, crop_to_patches=False, max_patches=1)``: one image
+    becomes
     ``<|START_OF_IMG|>TILE_GLOBAL`` + 4 x ``<|IMG_PATCH|>`` + ``<|END_OF_IMG|>``. The chat template renders
     content given as a plain string or as a list of ``text`` / ``image`` / ``image_url`` parts.
 
@@ -336,14 +418,16 @@ def build_aya_vision(out_dir: Path) -> tuple[Path, Path]:
 
     Parameter-name mapping (the in-memory ``state_dict()`` names of transformers 4.57 / 5.x)::
 
-        VLM  model.language_model.<X>   <->  LLM  model.<X>      e.g. model.language_model.layers.0.mlp.up_proj.weight
+        VLM  model.language_model.<X>   <->  LLM  model.<X>      e.g.
+        model.language_model.layers.0.mlp.up_proj.weight
         VLM  lm_head.weight             <->  LLM  lm_head.weight
         VLM  model.vision_tower.* , model.multi_modal_projector.*  -> no text counterpart (keep from the VLM)
 
     See :func:`vlm_to_llm_name` / :func:`llm_to_vlm_name`. Embeddings are TIED in both models
     (``tie_word_embeddings=True``): ``lm_head.weight`` is the same tensor as the input embeddings
     (``model.language_model.embed_tokens.weight`` / ``model.embed_tokens.weight``), and safetensors stores it
-    once, under the embedding name. A merge ``W = a*W_vlm + (1-a)*W_text`` over the mapped names therefore keeps
+    once, under the embedding name. A merge ``W = a*W_vlm + (1-a)*W_text`` over the mapped names therefore
+    keeps
     the tie; load with ``from_pretrained`` and operate on ``state_dict()`` rather than on raw file keys.
     Note: transformers 4.57 writes the VLM file with its legacy key layout (``language_model.model.<X>``,
     ``vision_tower.*``, ``multi_modal_projector.*``) and converts back on load.
@@ -368,15 +452,24 @@ def build_aya_vision(out_dir: Path) -> tuple[Path, Path]:
 
     tok = _train_aya_tokenizer(cfg["vocab_size"], scratch)
     ids = {t: tok.convert_tokens_to_ids(t) for t in AYA_SPECIAL_TOKENS}
-    token_ids = {"pad_token_id": ids["<PAD>"], "bos_token_id": ids["<BOS_TOKEN>"],
-                 "eos_token_id": ids["<|END_OF_TURN_TOKEN|>"]}  # fmt: skip
+    token_ids = {
+        "pad_token_id": ids["<PAD>"],
+        "bos_token_id": ids["<BOS_TOKEN>"],
+        "eos_token_id": ids["<|END_OF_TURN_TOKEN|>"],
+    }
 
     text_cfg = Cohere2Config(vocab_size=len(tok), **cfg["text"], **token_ids)
-    vision_cfg = SiglipVisionConfig(**cfg["vision"], image_size=cfg["image_size"], patch_size=cfg["patch_size"],
-                                    vision_use_head=False)  # fmt: skip
-    vlm_cfg = AyaVisionConfig(vision_config=vision_cfg.to_dict(), text_config=text_cfg.to_dict(),
-                              downsample_factor=cfg["downsample_factor"], image_token_index=ids["<|IMG_PATCH|>"],
-                              tie_word_embeddings=cfg["text"]["tie_word_embeddings"], **token_ids)  # fmt: skip
+    vision_cfg = SiglipVisionConfig(
+        **cfg["vision"], image_size=cfg["image_size"], patch_size=cfg["patch_size"], vision_use_head=False
+    )
+    vlm_cfg = AyaVisionConfig(
+        vision_config=vision_cfg.to_dict(),
+        text_config=text_cfg.to_dict(),
+        downsample_factor=cfg["downsample_factor"],
+        image_token_index=ids["<|IMG_PATCH|>"],
+        tie_word_embeddings=cfg["text"]["tie_word_embeddings"],
+        **token_ids,
+    )
     with _seeded(cfg["seed"]):
         vlm = AyaVisionForConditionalGeneration(vlm_cfg).eval()
     gen_cfg = GenerationConfig(**token_ids)
@@ -388,9 +481,13 @@ def build_aya_vision(out_dir: Path) -> tuple[Path, Path]:
         max_patches=1,
     )
     processor = AyaVisionProcessor(
-        image_processor=image_processor, tokenizer=tok, patch_size=cfg["patch_size"], img_size=cfg["image_size"],
-        downsample_factor=cfg["downsample_factor"], chat_template=VLM_CHAT_TEMPLATE,
-    )  # fmt: skip
+        image_processor=image_processor,
+        tokenizer=tok,
+        patch_size=cfg["patch_size"],
+        img_size=cfg["image_size"],
+        downsample_factor=cfg["downsample_factor"],
+        chat_template=VLM_CHAT_TEMPLATE,
+    )
     tok.chat_template = VLM_CHAT_TEMPLATE
 
     vlm_dir = out_dir / "vlm"
@@ -432,8 +529,13 @@ def sample_image(seed: int = 0, size: int = 64):
     from PIL import Image, ImageDraw
 
     img = Image.new("RGB", (size, size))
-    img.putdata([((x * 4 + seed * 40) % 256, (y * 4) % 256, (x * y + seed * 7) % 256)
-                 for y in range(size) for x in range(size)])  # fmt: skip
+    img.putdata(
+        [
+            ((x * 4 + seed * 40) % 256, (y * 4) % 256, (x * y + seed * 7) % 256)
+            for y in range(size)
+            for x in range(size)
+        ]
+    )
     ImageDraw.Draw(img).rectangle([size // 4, size // 4, size // 2, size // 2], fill=(200, 30, 30))
     return img
 
@@ -454,8 +556,9 @@ def _verify_aya(vlm_dir: Path, llm_dir: Path) -> None:
         vlm_logits = vlm(**inputs).logits[0, -1]
     tok = AutoTokenizer.from_pretrained(str(llm_dir))
     llm = AutoModelForCausalLM.from_pretrained(str(llm_dir)).eval()
-    text_ids = tok.apply_chat_template([{"role": "user", "content": "Hello there."}],
-                                       add_generation_prompt=True, return_tensors="pt")  # fmt: skip
+    text_ids = tok.apply_chat_template(
+        [{"role": "user", "content": "Hello there."}], add_generation_prompt=True, return_tensors="pt"
+    )
     with torch.no_grad():
         a = llm(input_ids=text_ids).logits[0, -1]
         b = vlm(input_ids=text_ids).logits[0, -1]
@@ -463,19 +566,22 @@ def _verify_aya(vlm_dir: Path, llm_dir: Path) -> None:
         raise RuntimeError("text LLM and VLM disagree on a text-only prompt")
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # COMET (CometKiwi-style, reference-free)
 
 
 def build_comet(out_dir: Path, *, final_dir: Path | None = None) -> Path:
-    """Build a tiny CometKiwi-style ``UnifiedMetric``; return ``out_dir/"cometkiwi"/"checkpoints"/"model.ckpt"``.
+    """Build a tiny CometKiwi-style ``UnifiedMetric``; return
+    ``out_dir/"cometkiwi"/"checkpoints"/"model.ckpt"``.
 
     Layout: ``out_dir/encoder`` (XLM-R config + tokenizer trained on the corpus; COMET builds the encoder from
-    config.json, no weights are looked up) and ``out_dir/cometkiwi/{hparams.yaml,checkpoints/model.ckpt}``, the
+    config.json, no weights are looked up) and ``out_dir/cometkiwi/{hparams.yaml,checkpoints/model.ckpt}``,
+    the
     hub layout, so ``comet.load_from_checkpoint(ckpt)`` works offline; score with
     ``model.predict([{"src": ..., "mt": ...}], gpus=0, progress_bar=False)``.
 
-    The encoder path stored in the hparams is ABSOLUTE. ``final_dir`` is where ``out_dir`` will live once moved
+    The encoder path stored in the hparams is ABSOLUTE. ``final_dir`` is where ``out_dir`` will live once
+    moved
     (``build_all`` builds in a temp dir and renames); the stored path points there. If the model is moved
     elsewhere, load it with ``UnifiedMetric.load_from_checkpoint(ckpt, pretrained_model=<new encoder dir>,
     load_pretrained_weights=False)`` or rebuild.
@@ -499,9 +605,14 @@ def build_comet(out_dir: Path, *, final_dir: Path | None = None) -> Path:
     tok = XLMRobertaTokenizerFast.from_pretrained(str(enc_dir))
     tok.save_pretrained(str(enc_dir))  # writes tokenizer.json, which COMET loads
     XLMRobertaConfig(
-        vocab_size=len(tok), max_position_embeddings=514, pad_token_id=1, bos_token_id=0, eos_token_id=2,
-        type_vocab_size=1, **cfg["encoder"],
-    ).save_pretrained(str(enc_dir))  # fmt: skip
+        vocab_size=len(tok),
+        max_position_embeddings=514,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        type_vocab_size=1,
+        **cfg["encoder"],
+    ).save_pretrained(str(enc_dir))
 
     import logging
 
@@ -513,11 +624,20 @@ def build_comet(out_dir: Path, *, final_dir: Path | None = None) -> Path:
 
     with _seeded(cfg["seed"]):
         model = UnifiedMetric(
-            encoder_model="XLM-RoBERTa", pretrained_model=str(enc_dir), hidden_sizes=cfg["hidden_sizes"],
-            activations="Tanh", layer_transformation="sparsemax", batch_size=16, load_pretrained_weights=False,
-            local_files_only=True, sent_layer="mix", word_layer=2, input_segments=["mt", "src"],
-            word_level_training=False, final_activation="Sigmoid",
-        )  # fmt: skip
+            encoder_model="XLM-RoBERTa",
+            pretrained_model=str(enc_dir),
+            hidden_sizes=cfg["hidden_sizes"],
+            activations="Tanh",
+            layer_transformation="sparsemax",
+            batch_size=16,
+            load_pretrained_weights=False,
+            local_files_only=True,
+            sent_layer="mix",
+            word_layer=2,
+            input_segments=["mt", "src"],
+            word_level_training=False,
+            final_activation="Sigmoid",
+        )
     model_dir = out_dir / "cometkiwi"
     (model_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     hp = dict(model.hparams)
@@ -526,8 +646,16 @@ def build_comet(out_dir: Path, *, final_dir: Path | None = None) -> Path:
     hp["pretrained_model"] = str(enc_final)
     (model_dir / "hparams.yaml").write_text(yaml.safe_dump(hp), encoding="utf-8")
     ckpt = model_dir / "checkpoints" / "model.ckpt"
-    torch.save({"state_dict": model.state_dict(), "hyper_parameters": hp,
-                "pytorch-lightning_version": ptl.__version__, "epoch": 0, "global_step": 0}, ckpt)  # fmt: skip
+    torch.save(
+        {
+            "state_dict": model.state_dict(),
+            "hyper_parameters": hp,
+            "pytorch-lightning_version": ptl.__version__,
+            "epoch": 0,
+            "global_step": 0,
+        },
+        ckpt,
+    )
     shutil.rmtree(scratch)
     _verify_comet(ckpt, None if final == out_dir else enc_dir)
     return ckpt
@@ -545,8 +673,9 @@ def _verify_comet(ckpt: Path, encoder_override: Path | None) -> None:
     if encoder_override is None:
         m = comet.load_from_checkpoint(str(ckpt), local_files_only=True)
     else:
-        m = UnifiedMetric.load_from_checkpoint(str(ckpt), pretrained_model=str(encoder_override),
-                                               load_pretrained_weights=False, strict=False)  # fmt: skip
+        m = UnifiedMetric.load_from_checkpoint(
+            str(ckpt), pretrained_model=str(encoder_override), load_pretrained_weights=False, strict=False
+        )
     sents = corpus_lines([SOURCE_LANG, "fra_Latn"])
     data = [{"src": s, "mt": t} for s, t in zip(sents[SOURCE_LANG][:2], sents["fra_Latn"][:2], strict=True)]
     out = m.predict(data, batch_size=8, gpus=0, progress_bar=False)
@@ -554,14 +683,22 @@ def _verify_comet(ckpt: Path, encoder_override: Path | None) -> None:
         raise RuntimeError(f"tiny CometKiwi gave bad scores: {out.scores}")
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # cached build of everything
 
 
 def _versions() -> dict[str, str]:
     out = {}
-    for dist in ("torch", "transformers", "tokenizers", "sentencepiece", "ctranslate2", "unbabel-comet",
-                 "safetensors", "pytorch-lightning"):  # fmt: skip
+    for dist in (
+        "torch",
+        "transformers",
+        "tokenizers",
+        "sentencepiece",
+        "ctranslate2",
+        "unbabel-comet",
+        "safetensors",
+        "pytorch-lightning",
+    ):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -611,8 +748,9 @@ def _locked(root: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _build_cached(root: Path, name: str, config: dict[str, Any], builder: Callable[[Path, Path], Any],
-                  force: bool = False) -> Path:  # fmt: skip
+def _build_cached(
+    root: Path, name: str, config: dict[str, Any], builder: Callable[[Path, Path], Any], force: bool = False
+) -> Path:
     final = root / name
     digest = _spec_hash(name, config, final)
     stamp = read_stamp(final)
@@ -621,8 +759,9 @@ def _build_cached(root: Path, name: str, config: dict[str, Any], builder: Callab
     tmp = root / f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         builder(tmp, final)
-        (tmp / STAMP_FILE).write_text(json.dumps({"name": name, "hash": digest, "versions": _versions()},
-                                                 indent=1, sort_keys=True))  # fmt: skip
+        (tmp / STAMP_FILE).write_text(
+            json.dumps({"name": name, "hash": digest, "versions": _versions()}, indent=1, sort_keys=True)
+        )
         old = None
         if final.exists():
             old = root / f".{name}.old-{uuid.uuid4().hex[:8]}"
@@ -643,9 +782,11 @@ def build_all(root: Path, *, force: bool = False) -> dict[str, str]:
     Keys: ``nllb_ct2`` (CTranslate2 dir, ``root/nllb/ct2``), ``vlm`` (``root/aya_vision/vlm``), ``llm``
     (``root/aya_vision/llm``), ``comet`` (``root/comet/cometkiwi/checkpoints/model.ckpt``).
 
-    Each of ``root/{nllb,aya_vision,comet}`` carries a stamp file (``.babelsynth-stamp.json``) with a hash of the
+    Each of ``root/{nllb,aya_vision,comet}`` carries a stamp file (``.babelsynth-stamp.json``) with a hash of
+    the
     builder config, this module's source, the corpus, the library versions and the location; a directory is
-    rebuilt only when missing or when the hash differs (or ``force``). Builds happen in ``root/.<name>.tmp-*`` and
+    rebuilt only when missing or when the hash differs (or ``force``). Builds happen in ``root/.<name>.tmp-*``
+    and
     are renamed into place only after verification, so a crash never leaves a valid-looking half model. A file
     lock (``root/.build.lock``) serialises concurrent callers (e.g. pytest-xdist workers).
     """
@@ -657,7 +798,9 @@ def build_all(root: Path, *, force: bool = False) -> dict[str, str]:
             shutil.rmtree(stale, ignore_errors=True)
         nllb = _build_cached(root, "nllb", NLLB_CONFIG, lambda tmp, fin: build_nllb(tmp), force)
         aya = _build_cached(root, "aya_vision", AYA_CONFIG, lambda tmp, fin: build_aya_vision(tmp), force)
-        comet = _build_cached(root, "comet", COMET_CONFIG, lambda tmp, fin: build_comet(tmp, final_dir=fin), force)
+        comet = _build_cached(
+            root, "comet", COMET_CONFIG, lambda tmp, fin: build_comet(tmp, final_dir=fin), force
+        )
     return {
         "nllb_ct2": str(nllb / "ct2"),
         "vlm": str(aya / "vlm"),

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from babelsynth.stages import ingest, judge, recaption, rephrase, score, translate
 from babelsynth.stages.base import Context, StageResult, reject
 
-__all__ = ["STAGES", "STAGE_NAMES", "BY_NAME", "Stage", "Context", "StageResult", "reject"]
+__all__ = ["BY_NAME", "STAGES", "STAGE_NAMES", "Context", "Stage", "StageResult", "reject"]
 
 
 @dataclass(frozen=True)

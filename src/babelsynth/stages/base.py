@@ -51,8 +51,14 @@ class Context:
 
 def reject(row: dict, stage: str, reason: str, detail: str = "") -> dict:
     record = {k: v for k, v in row.items() if not isinstance(v, bytes)}
-    return {"source_id": row.get("source_id") or "<missing>", "lang": row.get("lang"), "stage": stage,
-            "reason": reason, "detail": detail, "record": json.dumps(record, ensure_ascii=False, default=str)}  # fmt: skip
+    return {
+        "source_id": row.get("source_id") or "<missing>",
+        "lang": row.get("lang"),
+        "stage": stage,
+        "reason": reason,
+        "detail": detail,
+        "record": json.dumps(record, ensure_ascii=False, default=str),
+    }
 
 
 def stable_seed(*parts: Any) -> int:

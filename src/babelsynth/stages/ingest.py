@@ -8,7 +8,6 @@ import io
 from babelsynth.config import TASK_TYPES
 from babelsynth.stages.base import Context, StageResult, reject
 
-
 READS = ("source_id", "task_type", "question", "answer", "images", "source")
 WRITES = ("source_id", "task_type", "question", "answer_gt", "image_ids", "source")
 
@@ -41,7 +40,7 @@ def ingest(ctx: Context, records: list[dict]) -> StageResult:
                 try:
                     with Image.open(io.BytesIO(data)) as im:
                         im.load()
-                except Exception as e:  # PIL raises many types for bad bytes
+                except Exception as e:  # noqa: BLE001 - PIL raises many types for bad bytes
                     bad = ("corrupt_image", f"{type(e).__name__}: {e}")
                     break
                 iid = hashlib.sha256(data).hexdigest()
@@ -50,6 +49,14 @@ def ingest(ctx: Context, records: list[dict]) -> StageResult:
         if bad:
             rejected.append(reject({k: v for k, v in r.items() if k != "images"}, "ingest", *bad))
             continue
-        rows.append({"source_id": r["source_id"], "task_type": r["task_type"], "question": q, "answer_gt": a,
-                     "image_ids": ids, "source": r.get("source") or ""})  # fmt: skip
+        rows.append(
+            {
+                "source_id": r["source_id"],
+                "task_type": r["task_type"],
+                "question": q,
+                "answer_gt": a,
+                "image_ids": ids,
+                "source": r.get("source") or "",
+            }
+        )
     return StageResult(rows, rejected, {"images": images})

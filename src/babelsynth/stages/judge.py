@@ -6,8 +6,7 @@ from collections import defaultdict
 
 from babelsynth.filters import task_stats
 from babelsynth.prompts import load_prompt
-from babelsynth.stages.base import Context, StageResult, reject
-from babelsynth.stages.base import stable_seed
+from babelsynth.stages.base import Context, StageResult, reject, stable_seed
 
 VERDICT_CHOICE = {"structured_outputs": {"choice": ["YES", "NO"]}}
 
@@ -29,14 +28,27 @@ def judge(ctx: Context, rows: list[dict]) -> StageResult:
         return StageResult([{**r, "judge_decision": None, "judge_explanation": ""} for r in rows])
     client = ctx.chat("judge")
     p = load_prompt("judge", "hallucination", jc.prompt_version)
-    convs = [p.render(question=r["question"], answer_gt=r["answer_gt"], response=r["answer_en"]) for r in rows]
+    convs = [
+        p.render(question=r["question"], answer_gt=r["answer_gt"], response=r["answer_en"]) for r in rows
+    ]
     seeds = [stable_seed("judge", r["source_id"]) for r in rows]
-    expl = client.chat_many([ChatRequest(m, jc.max_tokens, jc.temperature, seed=s) for m, s in zip(convs, seeds)])
-    decide = [ChatRequest([*m, {"role": "assistant", "content": e.text}, {"role": "user", "content": p.spec["decision"]}],
-                          4, jc.temperature, seed=s, extra=VERDICT_CHOICE) for m, e, s in zip(convs, expl, seeds)]  # fmt: skip
+    expl = client.chat_many(
+        [ChatRequest(m, jc.max_tokens, jc.temperature, seed=s) for m, s in zip(convs, seeds)]
+    )
+    decide = [
+        ChatRequest(
+            [*m, {"role": "assistant", "content": e.text}, {"role": "user", "content": p.spec["decision"]}],
+            4,
+            jc.temperature,
+            seed=s,
+            extra=VERDICT_CHOICE,
+        )
+        for m, e, s in zip(convs, expl, seeds)
+    ]
     kept, rejected = [], []
-    by_task: dict[str, dict] = defaultdict(lambda: dict.fromkeys(("judged", "stage2_no", "stage2_dropped",
-                                                                  "request_errors"), 0))  # fmt: skip
+    by_task: dict[str, dict] = defaultdict(
+        lambda: dict.fromkeys(("judged", "stage2_no", "stage2_dropped", "request_errors"), 0)
+    )
     for r, e, d in zip(rows, expl, client.chat_many(decide)):
         t = by_task[r["task_type"]]
         if e.error or d.error:
@@ -45,7 +57,9 @@ def judge(ctx: Context, rows: list[dict]) -> StageResult:
             continue
         dec = d.text.strip().upper()
         if dec not in ("YES", "NO"):  # a server without structured outputs: fail loudly, never guess
-            raise RuntimeError(f"judge returned {d.text!r}; the server must support structured outputs (choice)")
+            raise RuntimeError(
+                f"judge returned {d.text!r}; the server must support structured outputs (choice)"
+            )
         out = {**r, "judge_decision": dec, "judge_explanation": e.text.strip()}
         t["judged"] += 1
         t["stage2_no"] += dec == "NO"

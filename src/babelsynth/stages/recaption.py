@@ -8,15 +8,34 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from babelsynth.filters import Candidate, check_recaption, extract_tag, task_stats, words
 from babelsynth.metrics import mtld
 from babelsynth.prompts import load_prompt
-from babelsynth.stages.base import Context, StageResult, reject
-from babelsynth.stages.base import stable_seed
+from babelsynth.stages.base import Context, StageResult, reject, stable_seed
 
 READS = ("source_id", "task_type", "question", "answer_gt", "image_ids")
-WRITES = ("answer_en", "recaption_prompt_id", "recaption_prompt_sha", "teacher_model", "filter_flags",
-                    "recaption_attempts")  # fmt: skip
-COUNTERS = ("records", "stage1_flagged", "stage1_dropped", "regenerated", "request_errors", "measured",
-            "words_before", "words_after", "tokens_measured", "tokens_before", "tokens_after",
-            "mtld_before_sum", "mtld_before_n", "mtld_after_sum", "mtld_after_n")  # fmt: skip
+WRITES = (
+    "answer_en",
+    "recaption_prompt_id",
+    "recaption_prompt_sha",
+    "teacher_model",
+    "filter_flags",
+    "recaption_attempts",
+)
+COUNTERS = (
+    "records",
+    "stage1_flagged",
+    "stage1_dropped",
+    "regenerated",
+    "request_errors",
+    "measured",
+    "words_before",
+    "words_after",
+    "tokens_measured",
+    "tokens_before",
+    "tokens_after",
+    "mtld_before_sum",
+    "mtld_before_n",
+    "mtld_after_sum",
+    "mtld_after_n",
+)
 
 
 def recaption(ctx: Context, rows: list[dict]) -> StageResult:
@@ -44,6 +63,7 @@ def _recaption(ctx: Context, rows: list[dict], teacher, gt_tokens: Future) -> St
         if iid not in urls:
             urls[iid] = image_data_url(images[iid], teacher.cfg.image_max_side)
         return urls[iid]
+
     pending = list(range(len(rows)))
     done: dict[int, dict] = {}
     rejected = []
@@ -60,8 +80,15 @@ def _recaption(ctx: Context, rows: list[dict], teacher, gt_tokens: Future) -> St
             p = load_prompt("recaption", r["task_type"], rc.prompt_version)
             msgs = p.render(question=r["question"], answer=r["answer_gt"])
             msgs[1] = user_with_image_urls(msgs[1]["content"], [url(iid) for iid in r["image_ids"]])
-            reqs.append(ChatRequest(msgs, rc.max_tokens, rc.temperature, rc.top_p,
-                                    seed=stable_seed(rc.seed, r["source_id"], attempt)))  # fmt: skip
+            reqs.append(
+                ChatRequest(
+                    msgs,
+                    rc.max_tokens,
+                    rc.temperature,
+                    rc.top_p,
+                    seed=stable_seed(rc.seed, r["source_id"], attempt),
+                )
+            )
         results = teacher.chat_many(reqs)
         retry = []
         for i, res in zip(pending, results):
@@ -73,13 +100,21 @@ def _recaption(ctx: Context, rows: list[dict], teacher, gt_tokens: Future) -> St
                 continue
             text = extract_tag(res.text, "answer")
             text = res.text.strip() if text is None else text
-            flags = check_recaption(Candidate(res.text, text, res.finish_reason, r["question"], r["answer_gt"]),
-                                    rules.min_words)  # fmt: skip
+            flags = check_recaption(
+                Candidate(res.text, text, res.finish_reason, r["question"], r["answer_gt"]), rules.min_words
+            )
             flags_hist.setdefault(i, []).append(flags)
             p = load_prompt("recaption", r["task_type"], rc.prompt_version)
-            out = {**r, "answer_en": text, "recaption_prompt_id": p.id, "recaption_prompt_sha": p.sha,
-                   "teacher_model": teacher.model_id, "filter_flags": flags, "recaption_attempts": attempt + 1,
-                   "recaption_tokens": res.completion_tokens}  # fmt: skip
+            out = {
+                **r,
+                "answer_en": text,
+                "recaption_prompt_id": p.id,
+                "recaption_prompt_sha": p.sha,
+                "teacher_model": teacher.model_id,
+                "filter_flags": flags,
+                "recaption_attempts": attempt + 1,
+                "recaption_tokens": res.completion_tokens,
+            }
             if not flags or rules.mode == "report":
                 done[i] = out
             elif attempt < rules.max_regenerations:
@@ -94,9 +129,12 @@ def _recaption(ctx: Context, rows: list[dict], teacher, gt_tokens: Future) -> St
         by_task[rows[i]["task_type"]]["regenerated"] += len(h) > 1
     kept = [done[i] for i in sorted(done)]
     _measure(teacher, kept, by_task, dict(zip(sorted({r["answer_gt"] for r in rows}), gt_tokens.result())))
-    stats = {"requests_sent": teacher.sent, "tokenize_requests": teacher.tokenize_sent,
-             "regenerated": sum(1 for h in flags_hist.values() if len(h) > 1),
-             "by_task": task_stats({k: dict(v) for k, v in by_task.items()})}  # fmt: skip
+    stats = {
+        "requests_sent": teacher.sent,
+        "tokenize_requests": teacher.tokenize_sent,
+        "regenerated": sum(1 for h in flags_hist.values() if len(h) > 1),
+        "by_task": task_stats({k: dict(v) for k, v in by_task.items()}),
+    }
     return StageResult(kept, rejected, stats)
 
 

@@ -60,14 +60,19 @@ def _unwrap(text: str, draft: str) -> str:
         m = _FENCED.match(text)
         if m and not _FENCED.match(draft):
             text = m.group(2).strip()
-        if len(text) >= 2 and _QUOTES.get(text[0]) == text[-1] and not (draft[:1] == text[0] and draft[-1:] == text[-1]):
+        if (
+            len(text) >= 2
+            and _QUOTES.get(text[0]) == text[-1]
+            and not (draft[:1] == text[0] and draft[-1:] == text[-1])
+        ):
             text = text[1:-1].strip()
     return text
 
 
 def structure_problem(source: str, draft: str, text: str) -> str | None:
     """Why a rephrase broke the draft's structure, or None: every protected span of the English source
-    (code, URL, e-mail, tag, placeholder; metrics.protected_spans) that the draft carries must survive verbatim
+    (code, URL, e-mail, tag, placeholder; metrics.protected_spans) that the draft carries must survive
+    verbatim
     (an NLLB artefact such as <unk> is not in the source, so it may go), and lines keep their count and
     their list/heading/table markers."""
     from babelsynth.metrics import protected_spans
@@ -79,7 +84,9 @@ def structure_problem(source: str, draft: str, text: str) -> str | None:
     d_lines, t_lines = draft.strip().split("\n"), text.strip().split("\n")
     if len(d_lines) != len(t_lines):
         return "line_structure_changed"
-    if [_MARKER.match(x).group(0).strip() for x in d_lines] != [_MARKER.match(x).group(0).strip() for x in t_lines]:
+    if [_MARKER.match(x).group(0).strip() for x in d_lines] != [
+        _MARKER.match(x).group(0).strip() for x in t_lines
+    ]:
         return "line_structure_changed"
     return None
 
@@ -92,15 +99,20 @@ def rephrase(ctx: Context, rows: list[dict]) -> StageResult:
 
     rc = ctx.cfg.rephrase
     todo = [i for i, r in enumerate(rows) if r["lang"] != SOURCE_LANG]
-    out = [dict(r, rephrase_prompt=None, rephrase_answer=None, rephrase_status="source", rephraser_model=None)
-           for r in rows]  # fmt: skip
+    out = [
+        dict(r, rephrase_prompt=None, rephrase_answer=None, rephrase_status="source", rephraser_model=None)
+        for r in rows
+    ]
     if not rc.enabled or not todo:
         for i in todo:
             out[i]["rephrase_status"] = "disabled"
         return StageResult(out)
     client = ctx.chat("rephraser")
     p = load_prompt("rephrase", "translation", rc.prompt_version)
-    parts = (("prompt_en", "draft_prompt", "rephrase_prompt"), ("answer_en", "draft_answer", "rephrase_answer"))
+    parts = (
+        ("prompt_en", "draft_prompt", "rephrase_prompt"),
+        ("answer_en", "draft_answer", "rephrase_answer"),
+    )
     uniq: dict[tuple[str, str, str], int] = {}
     reqs = []
     for i in todo:
@@ -132,4 +144,6 @@ def rephrase(ctx: Context, rows: list[dict]) -> StageResult:
             counts[f"rephrase_{status}"] += 1
         out[i]["rephrase_status"] = "ok" if statuses == ["ok", "ok"] else ",".join(statuses)
         out[i]["rephraser_model"] = client.model_id
-    return StageResult(out, [], {"requests_sent": getattr(client, "sent", 0), "rephrase_requests": len(reqs), **counts})
+    return StageResult(
+        out, [], {"requests_sent": getattr(client, "sent", 0), "rephrase_requests": len(reqs), **counts}
+    )

@@ -14,11 +14,34 @@ from babelsynth.config import RunConfig
 from babelsynth.languages import SOURCE_LANG
 from babelsynth.stages.base import Context, StageResult, reject
 
-READS = ("lang", "prompt_en", "answer_en", "draft_prompt", "draft_answer", "rephrase_prompt", "rephrase_answer",
-         "rephrase_status")  # fmt: skip
-WRITES = ("prompt", "answer", "selected", "selection_reason", "comet_draft", "comet_rephrase", "comet_final",
-          "mtld", "mtld_tokens", "langid_conf", "langid_lang", "langid_chars", "length_ratio", "repetition",
-          "gate_flags", "score_index")  # fmt: skip
+READS = (
+    "lang",
+    "prompt_en",
+    "answer_en",
+    "draft_prompt",
+    "draft_answer",
+    "rephrase_prompt",
+    "rephrase_answer",
+    "rephrase_status",
+)
+WRITES = (
+    "prompt",
+    "answer",
+    "selected",
+    "selection_reason",
+    "comet_draft",
+    "comet_rephrase",
+    "comet_final",
+    "mtld",
+    "mtld_tokens",
+    "langid_conf",
+    "langid_lang",
+    "langid_chars",
+    "length_ratio",
+    "repetition",
+    "gate_flags",
+    "score_index",
+)
 GATES = ("comet", "mtld", "langid", "length_ratio", "repetition")
 GATE_REASONS = frozenset(f"gate_{g}" for g in GATES)
 
@@ -49,7 +72,9 @@ def quantile(values: list[float], q: float) -> float:
     return a[lo] + (a[hi] - a[lo]) * (pos - lo)
 
 
-def comet_thresholds(cfg: RunConfig, langs, run_scores: dict[str, list[float]] | None = None) -> dict[str, float | None]:
+def comet_thresholds(
+    cfg: RunConfig, langs, run_scores: dict[str, list[float]] | None = None
+) -> dict[str, float | None]:
     """Minimum comet_final per language. Quantile rules need `run_scores` (every scored row of the run in
     that language); without them (inside one shard) they stay None, i.e. not gated yet."""
     out: dict[str, float | None] = {}
@@ -94,7 +119,9 @@ def gate_mode(cfg: RunConfig, flag: str) -> str:
     return getattr(cfg.gates, flag.removeprefix("gate_")).mode
 
 
-def apply_gates(rows: list[dict], cfg: RunConfig, thresholds: dict[str, float | None]) -> tuple[list[dict], list[dict]]:
+def apply_gates(
+    rows: list[dict], cfg: RunConfig, thresholds: dict[str, float | None]
+) -> tuple[list[dict], list[dict]]:
     """Pure: (kept, rejected) for scored rows; report-mode failures become gate_flags on kept rows."""
     kept, rejected = [], []
     for r in rows:
@@ -120,8 +147,12 @@ def score(ctx: Context, rows: list[dict]) -> StageResult:
 
     cfg = ctx.cfg
     margin = cfg.rephrase.selection_margin
-    cand = [(r.get("rephrase_prompt") or r["draft_prompt"], r.get("rephrase_answer") or r["draft_answer"])
-            if r["lang"] != SOURCE_LANG else None for r in rows]  # fmt: skip
+    cand = [
+        (r.get("rephrase_prompt") or r["draft_prompt"], r.get("rephrase_answer") or r["draft_answer"])
+        if r["lang"] != SOURCE_LANG
+        else None
+        for r in rows
+    ]
     pairs: set[tuple[str, str]] = set()
     for r, c in zip(rows, cand):
         if c is not None:
@@ -134,10 +165,19 @@ def score(ctx: Context, rows: list[dict]) -> StageResult:
     for idx, (r, c) in enumerate(zip(rows, cand)):
         out = dict(r, score_index=idx)
         if c is None:
-            out.update(prompt=r["prompt_en"], answer=r["answer_en"], selected="source", selection_reason="english",
-                       comet_draft=None, comet_rephrase=None, comet_final=None)  # fmt: skip
+            out.update(
+                prompt=r["prompt_en"],
+                answer=r["answer_en"],
+                selected="source",
+                selection_reason="english",
+                comet_draft=None,
+                comet_rephrase=None,
+                comet_final=None,
+            )
         else:
-            d = _mean(scores[(r["prompt_en"], r["draft_prompt"])], scores[(r["answer_en"], r["draft_answer"])])
+            d = _mean(
+                scores[(r["prompt_en"], r["draft_prompt"])], scores[(r["answer_en"], r["draft_answer"])]
+            )
             has_rp = r.get("rephrase_prompt") is not None or r.get("rephrase_answer") is not None
             rp = _mean(scores[(r["prompt_en"], c[0])], scores[(r["answer_en"], c[1])]) if has_rp else None
             if rp is None:
@@ -149,19 +189,31 @@ def score(ctx: Context, rows: list[dict]) -> StageResult:
             if sel == "rephrase" and r.get("rephrase_status") != "ok":
                 why += f"; parts without a usable rephrase keep the draft ({r.get('rephrase_status')})"
             final = (c[0], c[1], rp) if sel == "rephrase" else (r["draft_prompt"], r["draft_answer"], d)
-            out.update(prompt=final[0], answer=final[1], comet_final=final[2], selected=sel, selection_reason=why,
-                       comet_draft=d, comet_rephrase=rp)  # fmt: skip
+            out.update(
+                prompt=final[0],
+                answer=final[1],
+                comet_final=final[2],
+                selected=sel,
+                selection_reason=why,
+                comet_draft=d,
+                comet_rephrase=rp,
+            )
         scored.append(out)
     candidates = metrics.langid_candidates(cfg.run.languages)
     ids = metrics.langid([o["answer"] for o in scored], [o["lang"] for o in scored], candidates)
     for out, (lid_lang, lid_conf) in zip(scored, ids):
         m, n_tok = metrics.mtld(out["answer"], out["lang"])
         out.update(
-            mtld=m, mtld_tokens=n_tok, langid_conf=lid_conf, langid_lang=lid_lang,
+            mtld=m,
+            mtld_tokens=n_tok,
+            langid_conf=lid_conf,
+            langid_lang=lid_lang,
             langid_chars=metrics.langid_chars(out["answer"]),
-            length_ratio=None if out["lang"] == SOURCE_LANG else metrics.length_ratio(out["answer"], out["answer_en"]),
+            length_ratio=None
+            if out["lang"] == SOURCE_LANG
+            else metrics.length_ratio(out["answer"], out["answer_en"]),
             repetition=metrics.repetition(out["answer"], out["lang"]),
-        )  # fmt: skip
+        )
     thresholds = comet_thresholds(cfg, {o["lang"] for o in scored})  # quantile rules: resolved at commit
     kept, rejected = apply_gates(scored, cfg, thresholds)
     extra = {"comet_pairs": len(pair_list)}

@@ -8,7 +8,6 @@ from babelsynth.config import RunConfig
 from babelsynth.languages import SOURCE_LANG
 from babelsynth.stages.base import Context, StageResult, reject, stable_seed
 
-
 READS = ("source_id", "question", "answer_en", "filter_flags")
 WRITES = ("lang", "prompt_en", "draft_prompt", "draft_answer", "translator_model", "filter_flags")
 
@@ -24,7 +23,8 @@ def languages_for(cfg: RunConfig, source_id: str) -> list[str]:
 
 
 def translate(ctx: Context, rows: list[dict]) -> StageResult:
-    """NLLB drafts of prompt and answer, translated separately (they keep their roles); English passes through.
+    """NLLB drafts of prompt and answer, translated separately (they keep their roles); English passes
+    through.
 
     All languages of the shard go to the engine in one token-batched call. Drop reasons (enforce mode):
     translation_empty (a segment came back empty: content lost), translation_truncated (a segment hit
@@ -32,8 +32,16 @@ def translate(ctx: Context, rows: list[dict]) -> StageResult:
     jobs: list[tuple[dict, str]] = []
     out, rejected = [], []
     for r in rows:
-        out.append({**r, "lang": SOURCE_LANG, "prompt_en": r["question"], "draft_prompt": None,
-                    "draft_answer": None, "translator_model": None})  # fmt: skip
+        out.append(
+            {
+                **r,
+                "lang": SOURCE_LANG,
+                "prompt_en": r["question"],
+                "draft_prompt": None,
+                "draft_answer": None,
+                "translator_model": None,
+            }
+        )
         jobs += [(r, lang) for lang in languages_for(ctx.cfg, r["source_id"])]
     extra: dict = {}
     if jobs:
@@ -42,8 +50,14 @@ def translate(ctx: Context, rows: list[dict]) -> StageResult:
         res = tr.translate_many([(t, lang) for r, lang in jobs for t in (r["question"], r["answer_en"])])
         for k, (r, lang) in enumerate(jobs):
             p, a = res[2 * k], res[2 * k + 1]
-            row = {**r, "lang": lang, "prompt_en": r["question"], "draft_prompt": p.text, "draft_answer": a.text,
-                   "translator_model": tr.model_id}  # fmt: skip
+            row = {
+                **r,
+                "lang": lang,
+                "prompt_en": r["question"],
+                "draft_prompt": p.text,
+                "draft_answer": a.text,
+                "translator_model": tr.model_id,
+            }
             problems = []
             if p.empty or a.empty:
                 problems.append(("translation_empty", f"{p.empty + a.empty} segment(s) came back empty"))

@@ -30,10 +30,14 @@ class StageConfig(_Strict):
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description='paper: cosine "10%" = decay to 10% of peak')
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
-    weight_decay: float = Field(0.0, ge=0, description="not stated in the paper; applied to >=2-D tensors only")
+    weight_decay: float = Field(
+        0.0, ge=0, description="not stated in the paper; applied to >=2-D tensors only"
+    )
     grad_clip: float | None = Field(1.0, gt=0)
     batch_size: int = Field(128, ge=1, description="rows per optimizer step (packed rows when packing)")
-    micro_batch_size: int | None = Field(None, ge=1, description="gradient accumulation chunk; None = batch_size")
+    micro_batch_size: int | None = Field(
+        None, ge=1, description="gradient accumulation chunk; None = batch_size"
+    )
     max_seq_len: int = Field(8192, ge=8)
     packing: bool = False
     seed: int = 0

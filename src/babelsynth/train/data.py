@@ -112,7 +112,9 @@ class ImageStore:
         try:
             i, rg, j = self.index[image_id]
         except KeyError:
-            raise KeyError(f"image_id {image_id!r} is referenced by a sample but missing from the images table") from None
+            raise KeyError(
+                f"image_id {image_id!r} is referenced by a sample but missing from the images table"
+            ) from None
         key = (i, rg)
         if key not in self._groups:
             self._groups[key] = self._file(i).read_row_group(rg, columns=["image"]).column(0)
@@ -149,7 +151,9 @@ class RunData:
             if f.get("lang"):
                 buckets = frozenset({bucket_of(f["lang"])})
             else:
-                buckets = frozenset(bucket_of(x) for x in set(read_shard(uri, ["lang"]).column(0).to_pylist()))
+                buckets = frozenset(
+                    bucket_of(x) for x in set(read_shard(uri, ["lang"]).column(0).to_pylist())
+                )
             self.samples.append(SampleFile(uri, int(f.get("rows", -1)), buckets))
         if not self.samples:
             raise ValueError(f"manifest under {self.root} lists no 'samples' files")
@@ -199,13 +203,16 @@ def render_turns(processor, prompt: str, answer: str, n_images: int) -> tuple[st
         msgs + [{"role": "assistant", "content": [{"type": "text", "text": answer}]}], tokenize=False
     )
     if not full.startswith(prefix):
-        raise ValueError("chat template does not render the user turn as a prefix of the full conversation; "
-                         "answer-only loss masking needs that property")
-    return prefix, full[len(prefix):]
+        raise ValueError(
+            "chat template does not render the user turn as a prefix of the full conversation; "
+            "answer-only loss masking needs that property"
+        )
+    return prefix, full[len(prefix) :]
 
 
-def encode_example(processor, prompt: str, answer: str, images: list, max_seq_len: int,
-                   sample_id: str = "") -> Example | None:
+def encode_example(
+    processor, prompt: str, answer: str, images: list, max_seq_len: int, sample_id: str = ""
+) -> Example | None:
     """Chat-template one sample; labels are IGNORE_INDEX except on assistant tokens. Tokenizing the
     prefix and the completion separately makes the mask exact whatever BPE does at the boundary.
     Returns None when the prompt (with its image tokens) alone does not fit in max_seq_len; a
@@ -226,12 +233,14 @@ def encode_example(processor, prompt: str, answer: str, images: list, max_seq_le
         return None
     target_ids = target_ids[: max_seq_len - len(prefix_ids)]
     ids = prefix_ids + target_ids
-    return Example(ids, [IGNORE_INDEX] * len(prefix_ids) + target_ids, list(range(len(ids))), pixel_values,
-                   [sample_id])
+    return Example(
+        ids, [IGNORE_INDEX] * len(prefix_ids) + target_ids, list(range(len(ids))), pixel_values, [sample_id]
+    )
 
 
-def row_encoder(processor, images: ImageStore, max_seq_len: int, with_images: bool = True
-                ) -> Callable[[dict], Example | None]:
+def row_encoder(
+    processor, images: ImageStore, max_seq_len: int, with_images: bool = True
+) -> Callable[[dict], Example | None]:
     """Bind a processor and image store into `row -> Example`; text-only when with_images=False."""
 
     def encode(row: dict) -> Example | None:
@@ -342,8 +351,14 @@ class MixtureStream:
     """Endless, resumable example stream: draw k goes to a bucket chosen by hash(seed, k) with the
     mixture weights, then that bucket's next row is encoded. Rows that cannot fit are skipped."""
 
-    def __init__(self, data: RunData, encode: Callable[[dict], Example | None], mixture: MixtureConfig,
-                 seed: int, heldout_fraction: float):
+    def __init__(
+        self,
+        data: RunData,
+        encode: Callable[[dict], Example | None],
+        mixture: MixtureConfig,
+        seed: int,
+        heldout_fraction: float,
+    ):
         self.weights = mixture_weights(mixture, data.buckets)
         self.seed, self.encode, self.k, self.skipped = seed, encode, 0, 0
         self.streams = {b: _BucketStream(b, data.files_for(b), seed, heldout_fraction) for b in self.weights}
@@ -377,7 +392,11 @@ class MixtureStream:
     def state_dict(self) -> dict:
         if self._peeked is not None:
             return json.loads(json.dumps(self._peeked[1]))
-        return {"k": self.k, "skipped": self.skipped, "buckets": {b: s.state_dict() for b, s in self.streams.items()}}
+        return {
+            "k": self.k,
+            "skipped": self.skipped,
+            "buckets": {b: s.state_dict() for b, s in self.streams.items()},
+        }
 
     def load_state_dict(self, s: dict) -> None:
         self._peeked = None
@@ -391,7 +410,12 @@ class BatchStream:
     max_seq_len (an example that does not fit starts the next row)."""
 
     def __init__(self, examples: MixtureStream, batch_size: int, max_seq_len: int, packing: bool):
-        self.examples, self.batch_size, self.max_seq_len, self.packing = examples, batch_size, max_seq_len, packing
+        self.examples, self.batch_size, self.max_seq_len, self.packing = (
+            examples,
+            batch_size,
+            max_seq_len,
+            packing,
+        )
 
     def _packed_row(self) -> Example:
         parts: list[Example] = []
@@ -418,8 +442,9 @@ class BatchStream:
         self.examples.load_state_dict(s)
 
 
-def heldout_examples(data: RunData, encode: Callable[[dict], Example | None], fraction: float,
-                     limit: int) -> list[Example]:
+def heldout_examples(
+    data: RunData, encode: Callable[[dict], Example | None], fraction: float, limit: int
+) -> list[Example]:
     """The first `limit` encodable held-out rows in manifest order: the same set for every model."""
     out: list[Example] = []
     for row in data.rows("heldout", fraction):

@@ -34,19 +34,28 @@ def load_for_eval(model_dir: str | os.PathLike, device: torch.device):
 
 
 @torch.no_grad()
-def answer_loss(model, examples: list[Example], batch_size: int, pad_id: int,
-                device: torch.device | str = "cpu") -> float | None:
+def answer_loss(
+    model, examples: list[Example], batch_size: int, pad_id: int, device: torch.device | str = "cpu"
+) -> float | None:
     """Token-weighted mean cross-entropy over answer tokens; None when there is nothing to score."""
     total, n = 0.0, 0
     for i in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate(examples[i:i + batch_size], pad_id, packed=False).items()}
+        batch = {
+            k: v.to(device) for k, v in collate(examples[i : i + batch_size], pad_id, packed=False).items()
+        }
         s, k = token_loss_sum(model, batch)
         total, n = total + float(s), n + k
     return total / n if n else None
 
 
-def evaluate_models(models: dict[str, str | os.PathLike], run_uri: str, processor, cfg: TrainConfig,
-                    out_path: str | os.PathLike | None = None, write_next_to: set[str] = frozenset()) -> dict:
+def evaluate_models(
+    models: dict[str, str | os.PathLike],
+    run_uri: str,
+    processor,
+    cfg: TrainConfig,
+    out_path: str | os.PathLike | None = None,
+    write_next_to: set[str] = frozenset(),
+) -> dict:
     """{name: {"text_loss", "mm_loss", "n_text", "n_mm", "dir", "kind"}} for every model dir given;
     the models named in `write_next_to` also get <dir>/eval.json (inputs such as the text base are
     left untouched). The VLM's processor tokenizes for all models, so text and VLM losses are
@@ -56,8 +65,12 @@ def evaluate_models(models: dict[str, str | os.PathLike], run_uri: str, processo
     limit = cfg.eval.max_batches * cfg.eval.batch_size
     max_len = cfg.sft.max_seq_len
     frac = cfg.eval.heldout_fraction
-    text_ex = heldout_examples(data, row_encoder(processor, data.images, max_len, with_images=False), frac, limit)
-    mm_ex = heldout_examples(data, row_encoder(processor, data.images, max_len, with_images=True), frac, limit)
+    text_ex = heldout_examples(
+        data, row_encoder(processor, data.images, max_len, with_images=False), frac, limit
+    )
+    mm_ex = heldout_examples(
+        data, row_encoder(processor, data.images, max_len, with_images=True), frac, limit
+    )
     tok = processor.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 

@@ -28,11 +28,35 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 PROVENANCE_FILE = "merge.json"
 _NOT_COPIED = {"eval.json", "stage_result.json", PROVENANCE_FILE, "pytorch_model.bin", "training_args.bin"}
-_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
-             "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
-_TORCH_TO_ST = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-                torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-                torch.uint8: "U8", torch.bool: "BOOL"}
+_ITEMSIZE = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U64": 8,
+    "U32": 4,
+    "U16": 2,
+    "U8": 1,
+    "BOOL": 1,
+}
+_TORCH_TO_ST = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 
 
 @dataclass(frozen=True)
@@ -42,8 +66,12 @@ class Layout:
 
 
 VLM_LAYOUTS = (
-    Layout("language_model.model.", "language_model.lm_head.weight"),  # what transformers 4.57 saves; hub Aya Vision
-    Layout("model.language_model.", "lm_head.weight"),  # in-memory names since 4.52; transformers 5 saves these
+    Layout(
+        "language_model.model.", "language_model.lm_head.weight"
+    ),  # what transformers 4.57 saves; hub Aya Vision
+    Layout(
+        "model.language_model.", "lm_head.weight"
+    ),  # in-memory names since 4.52; transformers 5 saves these
 )
 TEXT_LAYOUT = Layout("model.", "lm_head.weight")
 
@@ -97,8 +125,10 @@ def detect_vlm_layout(keys: list[str]) -> Layout:
     for layout in VLM_LAYOUTS:
         if any(k.startswith(layout.lm_prefix) for k in keys):
             return layout
-    raise ValueError(f"no language-model tensors found; expected keys starting with one of "
-                     f"{[lay.lm_prefix for lay in VLM_LAYOUTS]}, got e.g. {keys[:5]}")
+    raise ValueError(
+        f"no language-model tensors found; expected keys starting with one of "
+        f"{[lay.lm_prefix for lay in VLM_LAYOUTS]}, got e.g. {keys[:5]}"
+    )
 
 
 def plan_merge(vlm: TensorSource, text: TensorSource) -> list[tuple[str, str | None]]:
@@ -114,19 +144,23 @@ def plan_merge(vlm: TensorSource, text: TensorSource) -> list[tuple[str, str | N
     problems: list[str] = []
     for k in vkeys:
         if k.startswith(lay.lm_prefix):
-            plan.append((k, TEXT_LAYOUT.lm_prefix + k[len(lay.lm_prefix):]))
+            plan.append((k, TEXT_LAYOUT.lm_prefix + k[len(lay.lm_prefix) :]))
         elif k == lay.lm_head:
             if TEXT_LAYOUT.lm_head in text.file_of:
                 plan.append((k, TEXT_LAYOUT.lm_head))
             elif text.config().get("tie_word_embeddings", True):
                 plan.append((k, TEXT_LAYOUT.lm_prefix + "embed_tokens.weight"))  # text head is tied
             else:
-                problems.append(f"VLM has {k} but the text model has no {TEXT_LAYOUT.lm_head} and is not tied")
+                problems.append(
+                    f"VLM has {k} but the text model has no {TEXT_LAYOUT.lm_head} and is not tied"
+                )
         else:
             plan.append((k, None))
     if TEXT_LAYOUT.lm_head in text.file_of and lay.lm_head not in vlm.file_of:
-        problems.append(f"text model has an untied {TEXT_LAYOUT.lm_head} but the VLM ties its head to the "
-                        "embeddings; the merge would silently drop the text head")
+        problems.append(
+            f"text model has an untied {TEXT_LAYOUT.lm_head} but the VLM ties its head to the "
+            "embeddings; the merge would silently drop the text head"
+        )
     used = {t for _, t in plan if t is not None}
     for v, t in plan:
         if t is None:
@@ -152,8 +186,12 @@ def _nbytes(shape: tuple[int, ...], dtype: str) -> int:
     return n
 
 
-def write_safetensors_streaming(path: Path, entries: list[tuple[str, str, tuple[int, ...]]], produce,
-                                metadata: dict[str, str] | None = None) -> None:
+def write_safetensors_streaming(
+    path: Path,
+    entries: list[tuple[str, str, tuple[int, ...]]],
+    produce,
+    metadata: dict[str, str] | None = None,
+) -> None:
     """Write a safetensors file whose tensors are produced one at a time by `produce(key)`.
     The header is computed from (key, dtype, shape) alone, so no two tensors need to be in memory."""
     header: dict = {"__metadata__": {"format": "pt", **(metadata or {})}}
@@ -192,8 +230,13 @@ def merged_dirname(alpha: float) -> str:
     return f"merged_a{alpha:.2f}"
 
 
-def merge_llm(vlm_dir: str | os.PathLike, text_dir: str | os.PathLike, out_dir: str | os.PathLike,
-              alpha: float, max_shard_bytes: int = 2 << 30) -> Path:
+def merge_llm(
+    vlm_dir: str | os.PathLike,
+    text_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    alpha: float,
+    max_shard_bytes: int = 2 << 30,
+) -> Path:
     """Merge the VLM's language model with the text LLM at `alpha` (weight on the VLM) into out_dir:
     sharded safetensors + index (one file when it fits), plus the VLM's config/tokenizer/processor."""
     if not 0.0 <= alpha <= 1.0:
@@ -215,22 +258,43 @@ def merge_llm(vlm_dir: str | os.PathLike, text_dir: str | os.PathLike, out_dir: 
                 return vlm.get(key) if t_key is None else lerp(vlm.get(key), text.get(t_key), alpha)
 
             shards = _shards(entries, max_shard_bytes)
-            names = ([SINGLE_FILE] if len(shards) == 1 else
-                     [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+            names = (
+                [SINGLE_FILE]
+                if len(shards) == 1
+                else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+            )
             for name, shard in zip(names, shards):
                 write_safetensors_streaming(tmp / name, shard, produce)
             if len(shards) > 1:
-                index = {"metadata": {"total_size": sum(_nbytes(s, d) for _, d, s in entries)},
-                         "weight_map": {k: n for n, sh in zip(names, shards) for k, _, _ in sh}}
+                index = {
+                    "metadata": {"total_size": sum(_nbytes(s, d) for _, d, s in entries)},
+                    "weight_map": {k: n for n, sh in zip(names, shards) for k, _, _ in sh},
+                }
                 (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True))
             n_merged = sum(1 for t in plan.values() if t is not None)
         for p in Path(vlm_dir).iterdir():
-            if p.is_file() and p.suffix != ".safetensors" and p.name != INDEX_FILE and p.name not in _NOT_COPIED:
+            if (
+                p.is_file()
+                and p.suffix != ".safetensors"
+                and p.name != INDEX_FILE
+                and p.name not in _NOT_COPIED
+            ):
                 shutil.copy2(p, tmp / p.name)
-        (tmp / PROVENANCE_FILE).write_text(json.dumps({
-            "method": "linear", "alpha": alpha, "formula": "alpha * multimodal + (1 - alpha) * text",
-            "multimodal": str(vlm_dir), "text": str(text_dir), "merged_tensors": n_merged,
-            "copied_tensors": len(plan) - n_merged, "shards": len(shards)}, indent=2))
+        (tmp / PROVENANCE_FILE).write_text(
+            json.dumps(
+                {
+                    "method": "linear",
+                    "alpha": alpha,
+                    "formula": "alpha * multimodal + (1 - alpha) * text",
+                    "multimodal": str(vlm_dir),
+                    "text": str(text_dir),
+                    "merged_tensors": n_merged,
+                    "copied_tensors": len(plan) - n_merged,
+                    "shards": len(shards),
+                },
+                indent=2,
+            )
+        )
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
     except BaseException:
@@ -239,8 +303,15 @@ def merge_llm(vlm_dir: str | os.PathLike, text_dir: str | os.PathLike, out_dir: 
     return out
 
 
-def sweep(vlm_dir: str | os.PathLike, text_dir: str | os.PathLike, out_root: str | os.PathLike,
-          alphas: list[float], max_shard_bytes: int = 2 << 30) -> dict[float, Path]:
+def sweep(
+    vlm_dir: str | os.PathLike,
+    text_dir: str | os.PathLike,
+    out_root: str | os.PathLike,
+    alphas: list[float],
+    max_shard_bytes: int = 2 << 30,
+) -> dict[float, Path]:
     """One merge per alpha into out_root/merged_aX.XX (paper Fig. 9 sweeps 0.3..1.0)."""
-    return {a: merge_llm(vlm_dir, text_dir, Path(out_root) / merged_dirname(a), a, max_shard_bytes)
-            for a in alphas}
+    return {
+        a: merge_llm(vlm_dir, text_dir, Path(out_root) / merged_dirname(a), a, max_shard_bytes)
+        for a in alphas
+    }

@@ -39,27 +39,42 @@ def train_and_merge(manifest_uri: str, vlm_dir: str, text_dir: str, out_dir: str
     stages = {}
     for stage in ("alignment", "sft"):
         res = run_stage(model, stage, processor=processor, run_uri=manifest_uri, cfg=cfg, out_dir=out / stage)
-        stages[stage] = {"dir": res.out_dir, "steps": res.steps, "final_loss": res.final_loss,
-                         "resumed_from": res.resumed_from, "skipped_examples": res.skipped_examples}
+        stages[stage] = {
+            "dir": res.out_dir,
+            "steps": res.steps,
+            "final_loss": res.final_loss,
+            "resumed_from": res.resumed_from,
+            "skipped_examples": res.skipped_examples,
+        }
     del model
     gc.collect()
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 merges and evaluates
         return {"out_dir": str(out), "stages": stages, "rank": int(os.environ["RANK"])}
 
     sft_dir = out / "sft"
-    merges = {"merged": merge_llm(sft_dir, text_dir, out / "merged", cfg.merge.alpha, cfg.merge.max_shard_bytes)}
+    merges = {
+        "merged": merge_llm(sft_dir, text_dir, out / "merged", cfg.merge.alpha, cfg.merge.max_shard_bytes)
+    }
     for alpha in cfg.merge.sweep:
         if alpha != cfg.merge.alpha:
             name = merged_dirname(alpha)
             merges[name] = merge_llm(sft_dir, text_dir, out / name, alpha, cfg.merge.max_shard_bytes)
 
-    evals = evaluate_models({"text_base": text_dir, "sft": sft_dir, **merges}, manifest_uri, processor, cfg,
-                            out_path=out / "eval.json", write_next_to={"sft", *merges})
+    evals = evaluate_models(
+        {"text_base": text_dir, "sft": sft_dir, **merges},
+        manifest_uri,
+        processor,
+        cfg,
+        out_path=out / "eval.json",
+        write_next_to={"sft", *merges},
+    )
     summary = {
         "out_dir": str(out),
         "stages": stages,
-        "merged": {name: {"dir": str(p), "alpha": json.loads((p / "merge.json").read_text())["alpha"]}
-                   for name, p in merges.items()},
+        "merged": {
+            name: {"dir": str(p), "alpha": json.loads((p / "merge.json").read_text())["alpha"]}
+            for name, p in merges.items()
+        },
         "eval": {name: {"text_loss": r["text_loss"], "mm_loss": r["mm_loss"]} for name, r in evals.items()},
         "eval_json": str(out / "eval.json"),
     }

@@ -33,7 +33,12 @@ TRAINABLE: dict[str, frozenset[str]] = {
     "alignment": frozenset({"connector"}),
     "sft": frozenset({"connector", "llm"}),
 }
-CKPT_DIR, CKPT_WEIGHTS, CKPT_STATE, CKPT_META = "checkpoints", "trainable.safetensors", "state.pt", "trainer_state.json"
+CKPT_DIR, CKPT_WEIGHTS, CKPT_STATE, CKPT_META = (
+    "checkpoints",
+    "trainable.safetensors",
+    "state.pt",
+    "trainer_state.json",
+)
 RESULT_FILE = "stage_result.json"
 
 
@@ -65,7 +70,7 @@ def resolve_device(pref: str = "auto") -> torch.device:
     if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise RuntimeError("device='cuda' requested but CUDA is not available")
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
 
 
@@ -87,7 +92,7 @@ def build_optimizer(model: torch.nn.Module, cfg: StageConfig) -> torch.optim.Ada
 
 
 def build_scheduler(opt: torch.optim.Optimizer, cfg: StageConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: cfg.lr_factor(step))
+    return torch.optim.lr_scheduler.LambdaLR(opt, cfg.lr_factor)
 
 
 def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
@@ -97,8 +102,12 @@ def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     logits = model(**inputs, use_cache=False).logits
     tgt = labels[:, 1:]
-    loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), tgt.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+    loss = F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+        tgt.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
     return loss, int((tgt != IGNORE_INDEX).sum())
 
 
@@ -122,8 +131,9 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
     return done[-1] if done else None
 
 
-def save_checkpoint(out_dir: Path, step: int, model, opt, sched, stream: BatchStream, meta: dict,
-                    keep: int) -> Path:
+def save_checkpoint(
+    out_dir: Path, step: int, model, opt, sched, stream: BatchStream, meta: dict, keep: int
+) -> Path:
     """Write step-NNNNNNN atomically (temp dir + rename), then prune all but the newest `keep`."""
     root = out_dir / CKPT_DIR
     final, tmp = root / f"step-{step:07d}", root / f".tmp-step-{step:07d}"
@@ -131,8 +141,10 @@ def save_checkpoint(out_dir: Path, step: int, model, opt, sched, stream: BatchSt
     tmp.mkdir(parents=True)
     weights = {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
     save_file(weights, str(tmp / CKPT_WEIGHTS))
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state()},
-               tmp / CKPT_STATE)
+    torch.save(
+        {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state()},
+        tmp / CKPT_STATE,
+    )
     (tmp / CKPT_META).write_text(json.dumps({**meta, "step": step, "data": stream.state_dict()}, indent=1))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -146,8 +158,10 @@ def load_checkpoint(ckpt: Path, model, opt, sched, stream: BatchStream) -> dict:
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
     if missing or set(weights) - set(params):
-        raise ValueError(f"checkpoint {ckpt} does not match this stage's trainable set "
-                         f"(missing {missing[:3]}, unexpected {sorted(set(weights) - set(params))[:3]})")
+        raise ValueError(
+            f"checkpoint {ckpt} does not match this stage's trainable set "
+            f"(missing {missing[:3]}, unexpected {sorted(set(weights) - set(params))[:3]})"
+        )
     with torch.no_grad():
         for n, t in weights.items():
             params[n].copy_(t)
@@ -203,8 +217,16 @@ class StageResult:
         return asdict(self)
 
 
-def run_stage(model, stage: Stage, *, processor, run_uri: str, cfg: TrainConfig, out_dir: str | os.PathLike,
-              stop_after: int | None = None) -> StageResult:
+def run_stage(
+    model,
+    stage: Stage,
+    *,
+    processor,
+    run_uri: str,
+    cfg: TrainConfig,
+    out_dir: str | os.PathLike,
+    stop_after: int | None = None,
+) -> StageResult:
     """Train `model` in place for cfg.<stage>.steps optimizer steps on the run's training split,
     resuming from out_dir/checkpoints if present. On completion the full model and processor are
     saved to out_dir (a loadable HF dir). `stop_after` ends the call after that many steps without a
@@ -221,8 +243,12 @@ def run_stage(model, stage: Stage, *, processor, run_uri: str, cfg: TrainConfig,
 
     data = RunData(run_uri)
     encode = row_encoder(processor, data.images, scfg.max_seq_len)
-    stream = BatchStream(MixtureStream(data, encode, cfg.mixture, scfg.seed, cfg.eval.heldout_fraction),
-                         scfg.batch_size, scfg.max_seq_len, scfg.packing)
+    stream = BatchStream(
+        MixtureStream(data, encode, cfg.mixture, scfg.seed, cfg.eval.heldout_fraction),
+        scfg.batch_size,
+        scfg.max_seq_len,
+        scfg.packing,
+    )
     opt = build_optimizer(model, scfg)
     sched = build_scheduler(opt, scfg)
     pad_id = processor.tokenizer.pad_token_id
@@ -240,28 +266,35 @@ def run_stage(model, stage: Stage, *, processor, run_uri: str, cfg: TrainConfig,
     if dist.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                      find_unused_parameters=True)  # text-only micro-batches leave the connector unused
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else contextlib.nullcontext())
+        wrapped = DDP(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
+        )  # text-only micro-batches leave the connector unused
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    )
     meta = {"stage": stage, "config": scfg.model_dump(mode="json")}
     result = StageResult(stage, str(out), step, completed=False, resumed_from=resumed)
 
     ran = 0
     while step < scfg.steps and (stop_after is None or ran < stop_after):
-        rows = stream.next_rows()[dist.rank::dist.world]
-        micro = [collate(rows[i:i + scfg.micro], pad_id, scfg.packing) for i in range(0, len(rows), scfg.micro)]
-        n_tokens = torch.tensor(sum(int((m["labels"][:, 1:] != IGNORE_INDEX).sum()) for m in micro),
-                                dtype=torch.float64, device=device)
+        rows = stream.next_rows()[dist.rank :: dist.world]
+        micro = [
+            collate(rows[i : i + scfg.micro], pad_id, scfg.packing) for i in range(0, len(rows), scfg.micro)
+        ]
+        n_tokens = torch.tensor(
+            sum(int((m["labels"][:, 1:] != IGNORE_INDEX).sum()) for m in micro),
+            dtype=torch.float64,
+            device=device,
+        )
         if dist.world > 1:
             torch.distributed.all_reduce(n_tokens)
         # DDP averages gradients over ranks, so scale by world / global_tokens to get a per-token mean
         scale = dist.world / max(float(n_tokens), 1.0)
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        for i, mb in enumerate(micro):
-            mb = {k: v.to(device) for k, v in mb.items()}
+        for i, cpu_mb in enumerate(micro):
+            mb = {k: v.to(device) for k, v in cpu_mb.items()}
             sync = dist.world == 1 or i == len(micro) - 1
-            with (contextlib.nullcontext() if sync else wrapped.no_sync()), autocast:
+            with contextlib.nullcontext() if sync else wrapped.no_sync(), autocast:
                 s, _ = token_loss_sum(wrapped, mb)
                 (s * scale).backward()
             loss_sum += s.detach().double()
@@ -278,7 +311,9 @@ def run_stage(model, stage: Stage, *, processor, run_uri: str, cfg: TrainConfig,
         log.info("%s step %d/%d loss %.4f lr %.3g", stage, step, scfg.steps, loss, sched.get_last_lr()[0])
         if step % cfg.checkpoint_every == 0 or step == scfg.steps:
             if dist.main:
-                save_checkpoint(out, step, model, opt, sched, stream, {**meta, "loss": loss}, cfg.keep_checkpoints)
+                save_checkpoint(
+                    out, step, model, opt, sched, stream, {**meta, "loss": loss}, cfg.keep_checkpoints
+                )
             _barrier(dist)
 
     result.steps, result.skipped_examples = step, stream.examples.skipped
