@@ -94,7 +94,7 @@ def main() -> None:
                 "cache_dir": str(work / tag / "cache"),
                 "run.shard_size": n,
                 "models.teacher": teacher,
-                "filter.rules.mode": "report",
+                "recaption.mode": "report",
                 "recaption.max_tokens": args.max_tokens,
             },
         )
@@ -103,12 +103,16 @@ def main() -> None:
         """The recaption stage function on the whole input (one shard), timed; model loading excluded."""
         runner.plan(cfg, "bench")
         runner.run_stage(cfg, "bench", "ingest", 0)
-        root = runner.run_root(cfg, "bench")
-        rows = runner._load(runner._stage_uri(root, "ingest", 0))["rows"]
+        lay = runner.layout(cfg, "bench")
+        rows = lay.read_stage_result("ingest", 0)["rows"]
         ctx = Context(
-            cfg, "bench", 0, Cache(Path(cfg.cache_dir) / "requests.sqlite"), runner._images_loader(root, 0)
+            cfg,
+            "bench",
+            0,
+            Cache(Path(cfg.cache_dir) / "requests.sqlite"),
+            artifact=lambda stage, name: lay.read_stage_artifact(stage, name, 0),
+            backends={"teacher": client},  # with a fresh cache: every request is computed
         )
-        ctx._backends["teacher"] = client  # with a fresh cache: every request is computed
         t0 = time.perf_counter()
         res = recaption(ctx, rows)
         return time.perf_counter() - t0, res.extra

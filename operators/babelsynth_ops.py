@@ -112,7 +112,7 @@ def run_stage(stage: str, shard: int, params: dict[str, Any], run_id: str) -> di
 
     cfg = load(params)
     stats = runner.run_stage(cfg, run_id, stage, shard)
-    return {"shard": shard, **compact(stats, runner._stage_uri(runner.run_root(cfg, run_id), stage, shard))}
+    return {"shard": shard, **compact(stats, runner.stage_result_uri(cfg, run_id, stage, shard))}
 
 
 def write(shard: int, params: dict[str, Any], run_id: str) -> dict:
@@ -123,12 +123,12 @@ def write(shard: int, params: dict[str, Any], run_id: str) -> dict:
 
 
 def commit(params: dict[str, Any], run_id: str) -> dict:
-    from babelsynth import runner, storage
+    from babelsynth import runner
 
     cfg = load(params)
     man = runner.commit(cfg, run_id)
     print(runner.summary(man))
-    uri = storage.join(runner.run_root(cfg, run_id), runner.MANIFEST)
+    uri = runner.layout(cfg, run_id).manifest_uri
     return {
         "manifest_uri": uri,
         "run_id": run_id,

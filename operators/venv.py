@@ -20,7 +20,7 @@ def _run_stage_in_venv(config_path: str, overrides: dict, run_key: str, stage: s
 
     cfg = load_config(config_path, overrides)
     stats = runner.run_stage(cfg, run_key, stage, shard)
-    uri = runner._stage_uri(runner.run_root(cfg, run_key), stage, shard)
+    uri = runner.stage_result_uri(cfg, run_key, stage, shard)
     return {**{k: stats[k] for k in ("stage", "in", "out", "rejected")}, "uri": uri}
 
 

@@ -51,10 +51,43 @@ def test_production_config_validates(monkeypatch):
     monkeypatch.setenv("VLLM_TEACHER_URL", "http://gpu:8000/v1")
     monkeypatch.setenv("VLLM_LLM_URL", "http://gpu:8001/v1")
     cfg = load_config("configs/production.yaml")
-    assert cfg.gates.comet.mode == "enforce" and cfg.models.translator.model_id == "nllb-200-3.3B"
+    assert cfg.score.gates.comet.mode == "enforce" and cfg.models.translator.model_id == "nllb-200-3.3B"
 
 
 def test_fingerprint_changes_with_config():
     a = load_config("configs/demo.yaml")
     b = load_config("configs/demo.yaml", {"run.seed": 7})
     assert a.fingerprint() == load_config("configs/demo.yaml").fingerprint() != b.fingerprint()
+
+
+@pytest.mark.parametrize(
+    ("old", "value", "new"),
+    [
+        ("filter.rules.mode", "report", "recaption.mode"),
+        ("filter.judge.enabled", False, "'judge'"),
+        ("gates.comet.threshold", 0.5, "score.gates"),
+        ("translate.truncation", "report", "translate.mode"),
+        ("rephrase.selection_margin", 0.1, "score.selection_margin"),
+        ("run.max_text_chars", 100, "ingest.max_text_chars"),
+    ],
+)
+def test_an_old_config_key_fails_naming_the_new_one(old, value, new):
+    """One config section per stage, named after it: configs written before the rename fail clearly."""
+    with pytest.raises(ValidationError) as e:
+        load_config("configs/demo.yaml", {old: value})
+    assert f"'{old.split('.')[0]}" in str(e.value) and new in str(e.value)
+
+
+def test_each_stage_has_its_config_section_and_every_rule_switch_is_called_mode():
+    from babelsynth.config import RunConfig
+    from babelsynth.stages import STAGE_NAMES
+
+    cfg = load_config("configs/demo.yaml")
+    assert set(STAGE_NAMES) <= set(RunConfig.model_fields)
+    switches = [
+        cfg.recaption,
+        cfg.judge,
+        cfg.translate,
+        *(getattr(cfg.score.gates, g) for g in cfg.score.gates.model_fields),
+    ]
+    assert all(s.mode in ("enforce", "report") for s in switches)

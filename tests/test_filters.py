@@ -173,7 +173,7 @@ def test_task_stats_merge_sums_counters_and_recomputes_ratios():
 
 
 def test_runner_merges_by_task_into_the_manifest_stats():
-    from babelsynth.runner import _merge_stats
+    from babelsynth.runner import merge_stats
 
     shard = {
         "in": 4,
@@ -186,8 +186,8 @@ def test_runner_merges_by_task_into_the_manifest_stats():
         "by_task": task_stats({"vqa": {"records": 4, "stage1_dropped": 1}}),
     }
     acc: dict = {}
-    _merge_stats(acc, shard)
-    _merge_stats(acc, shard)
+    merge_stats(acc, shard)
+    merge_stats(acc, shard)
     assert acc["requests_sent"] == 10 and acc["by_task"]["vqa"] == {
         "records": 8,
         "stage1_dropped": 2,

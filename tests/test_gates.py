@@ -96,8 +96,10 @@ DOC = {lang: _join(lang, _corpus(lang)) for lang in (*AYA_TARGETS, SOURCE_LANG)}
 
 @pytest.fixture(scope="module")
 def cfg():
-    over = {f"gates.{g}.mode": "enforce" for g in ("comet", "mtld", "langid", "length_ratio", "repetition")}
-    over |= {"gates.mtld.min": 20, "gates.repetition.max": 0.4}  # as configs/production.yaml
+    over = {
+        f"score.gates.{g}.mode": "enforce" for g in ("comet", "mtld", "langid", "length_ratio", "repetition")
+    }
+    over |= {"score.gates.mtld.min": 20, "score.gates.repetition.max": 0.4}  # as configs/production.yaml
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("BABELSYNTH_WORK", "/tmp/w")
         mp.setenv("BABELSYNTH_MODELS", "/tmp/m")
@@ -136,7 +138,10 @@ def test_good_document_and_sentence_pass_every_gate(cfg, lang):
     assert doc["langid_lang"] == lang and doc["langid_conf"] > 0.9
     sent = scored(TRAIN[lang], lang, TRAIN[SOURCE_LANG])
     assert gate_results(sent, cfg, None) | {"mtld": True} == res, sent  # one sentence: MTLD not applicable
-    assert gate_results(sent, cfg, None)["mtld"] is None and sent["mtld_tokens"] < cfg.gates.mtld.min_tokens
+    assert (
+        gate_results(sent, cfg, None)["mtld"] is None
+        and sent["mtld_tokens"] < cfg.score.gates.mtld.min_tokens
+    )
 
 
 @pytest.mark.parametrize("lang", AYA_TARGETS)
@@ -188,7 +193,7 @@ def test_repetition_loops_fail_and_low_diversity_fails_mtld(cfg, lang):
     )  # one sentence over and over: a loop and a poor doc
     row = scored(cyclic, lang, DOC[SOURCE_LANG])
     assert {"repetition", "mtld"} <= _fails(cfg, row), row
-    assert row["mtld_tokens"] >= cfg.gates.mtld.min_tokens and row["mtld"] < cfg.gates.mtld.min
+    assert row["mtld_tokens"] >= cfg.score.gates.mtld.min_tokens and row["mtld"] < cfg.score.gates.mtld.min
 
 
 def test_im_sorry_loop_scores_one_and_fresh_text_zero():
@@ -216,9 +221,9 @@ def test_cjk_mtld_uses_real_words_not_one_blob_or_characters():
 
 def test_comet_gate_absolute_per_language_and_run_quantile(cfg):
     c = cfg.model_copy(deep=True)
-    c.gates.comet.threshold = None
-    c.gates.comet.quantile = 0.25
-    c.gates.comet.per_lang = {"deu_Latn": 0.7}
+    c.score.gates.comet.threshold = None
+    c.score.gates.comet.quantile = 0.25
+    c.score.gates.comet.per_lang = {"deu_Latn": 0.7}
     scores = {"fra_Latn": [0.1, 0.2, 0.3, 0.4, 0.5], "deu_Latn": [0.65, 0.75]}
     inside_shard = comet_thresholds(c, ["fra_Latn", "deu_Latn"])
     assert inside_shard == {"fra_Latn": None, "deu_Latn": 0.7}  # a quantile needs the whole run
@@ -232,7 +237,7 @@ def test_comet_gate_absolute_per_language_and_run_quantile(cfg):
     assert [r["comet_final"] for r in kept] == [0.2, 0.3, 0.4, 0.5] and [r["reason"] for r in rejected] == [
         "gate_comet"
     ]
-    c.gates.comet.mode = "report"
+    c.score.gates.comet.mode = "report"
     kept, rejected = apply_gates(rows, c, run)
     assert not rejected and kept[0]["gate_flags"] == ["gate_comet"] and kept[1]["gate_flags"] == []
 
@@ -241,14 +246,19 @@ def test_comet_gate_config_is_validated(monkeypatch):
     monkeypatch.setenv("BABELSYNTH_WORK", "/tmp/w")
     monkeypatch.setenv("BABELSYNTH_MODELS", "/tmp/m")
     with pytest.raises(ValueError, match="threshold or quantile"):
-        load_config("configs/demo.yaml", {"gates.comet.quantile": 0.1})  # demo sets an absolute threshold
+        load_config(
+            "configs/demo.yaml", {"score.gates.comet.quantile": 0.1}
+        )  # demo sets an absolute threshold
     with pytest.raises(ValueError, match="per_lang_quantile"):
         load_config(
             "configs/demo.yaml",
-            {"gates.comet.per_lang": {"deu_Latn": 0.5}, "gates.comet.per_lang_quantile": {"deu_Latn": 0.1}},
+            {
+                "score.gates.comet.per_lang": {"deu_Latn": 0.5},
+                "score.gates.comet.per_lang_quantile": {"deu_Latn": 0.1},
+            },
         )
     with pytest.raises(ValueError, match="min < max"):
-        load_config("configs/demo.yaml", {"gates.length_ratio.per_lang": {"deu_Latn": [2.0, 1.0]}})
+        load_config("configs/demo.yaml", {"score.gates.length_ratio.per_lang": {"deu_Latn": [2.0, 1.0]}})
 
 
 def test_report_mode_keeps_and_flags_enforce_mode_drops(cfg):
@@ -256,13 +266,13 @@ def test_report_mode_keeps_and_flags_enforce_mode_drops(cfg):
     kept, rejected = apply_gates([bad], cfg, {})
     assert not kept and rejected[0]["reason"] == "gate_langid" and rejected[0]["stage"] == "score"
     rep = cfg.model_copy(deep=True)
-    rep.gates.langid.mode = "report"
+    rep.score.gates.langid.mode = "report"
     kept, rejected = apply_gates([bad], rep, {})
     assert not rejected and kept[0]["gate_flags"] == ["gate_langid"]
 
 
 def test_language_summary_has_the_papers_shape_and_gate_pass_rates(cfg):
-    from babelsynth.regate import LanguageSummary
+    from babelsynth.gating import LanguageSummary
 
     rows = [
         {
@@ -408,7 +418,7 @@ def test_regate_rewrites_kept_and_rejected_without_any_model_call(finished_run):
     scored = [
         r
         for s in range(m0["shards"])
-        for r in runner._load(str(root / f"_stages/score/shard={s:05d}.json.gz"))["rows"]
+        for r in runner.layout(cfg, "regate-test").read_stage_result("score", s)["rows"]
     ]
     from babelsynth.stages.score import quantile
 
@@ -432,9 +442,9 @@ def test_regate_rewrites_kept_and_rejected_without_any_model_call(finished_run):
     loaded = _regate_cli(
         cfg_file,
         "regate-test",
-        "gates.comet.mode=enforce",
-        "gates.comet.threshold=null",
-        "gates.comet.quantile=0.5",
+        "score.gates.comet.mode=enforce",
+        "score.gates.comet.threshold=null",
+        "score.gates.comet.quantile=0.5",
     )
     assert loaded == []  # no model library was even imported
     after = (
@@ -491,6 +501,6 @@ def test_regate_refuses_a_config_that_changes_more_than_gates(finished_run):
 
     cfg, _, _, _ = finished_run
     other = cfg.model_copy(deep=True)
-    other.rephrase.selection_margin = 0.5
-    with pytest.raises(ValueError, match=r"rephrase\.selection_margin"):
+    other.score.selection_margin = 0.5
+    with pytest.raises(ValueError, match=r"score\.selection_margin"):
         regate(other, "regate-test")

@@ -11,6 +11,7 @@ import pytest
 
 from babelsynth import runner, storage
 from babelsynth.languages import AYA_TARGETS, SOURCE_LANG
+from babelsynth.layout import RunLayout
 from babelsynth.schema import arrow_schema
 from tests.conftest import make_config
 
@@ -48,13 +49,8 @@ def test_every_record_is_accounted_for(run):
         assert s["in"] == s["out"] + s["rejected"], name
     # the three bad samples are quarantined with their reason
     assert st["ingest"]["reasons"] == {"corrupt_image": 1, "empty_text": 1, "text_too_long": 1}
-    rej = runner._read_parquet(storage.join(m["path"], "rejected/part-00000.parquet")).to_pylist()
-    rej += [
-        r
-        for f in m["files"]
-        if f["table"] == "rejected" and f["path"] != "rejected/part-00000.parquet"
-        for r in runner._read_parquet(storage.join(m["path"], f["path"])).to_pylist()
-    ]
+    lay = RunLayout(str(Path(m["path"]).parent), m["run_id"])
+    rej = [r for f in m["files"] if f["table"] == "rejected" for r in lay.read_table(f["path"]).to_pylist()]
     assert len(rej) == m["rejected_total"] == sum(s["rejected"] for s in st.values())
     assert all(r["reason"] and r["stage"] for r in rej)
     judged = [r for r in rej if r["stage"] == "judge"]

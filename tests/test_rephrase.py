@@ -192,7 +192,7 @@ def test_selection_keeps_rephrase_unless_worse_by_more_than_margin(models, score
             "configs/demo.yaml",
             {
                 "models.comet.path": models["comet"],
-                "rephrase.selection_margin": margin,
+                "score.selection_margin": margin,
                 "cache_dir": str(tmp_path),
             },
         )

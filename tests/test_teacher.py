@@ -225,7 +225,7 @@ def test_recaption_and_judge_on_vllm_server_then_rerun_makes_no_request(
             vllm_servers["llm"].url,
             teacher_input,
             tmp_path,
-            **{"models.teacher.image_max_side": 64, "filter.rules.mode": "report"},
+            **{"models.teacher.image_max_side": 64, "recaption.mode": "report"},
         )
         st = _run(cfg, "teacher-1")
         rec, jud = st["recaption"], st["judge"]
@@ -262,11 +262,11 @@ def test_recaption_and_judge_on_vllm_server_then_rerun_makes_no_request(
         jb = jud["by_task"]["all"]
         assert jb["judged"] == jud["in"] == rec["out"] and jb["stage2_dropped"] == jud["rejected"]
         assert jb["stage2_drop_rate"] == round(jud["rejected"] / jud["in"], 4)
-        res = runner._load(runner._stage_uri(runner.run_root(cfg, "teacher-1"), "judge", 0))
+        res = runner.layout(cfg, "teacher-1").read_stage_result("judge", 0)
         assert all(r["judge_decision"] == "YES" for r in res["rows"])
         assert all(r["reason"] == "judge_rejected" and r["detail"] for r in res["rejected"])
         assert all(json.loads(r["record"])["judge_decision"] == "NO" for r in res["rejected"])
-        kept = runner._load(runner._stage_uri(runner.run_root(cfg, "teacher-1"), "recaption", 0))["rows"]
+        kept = runner.layout(cfg, "teacher-1").read_stage_result("recaption", 0)["rows"]
         for r in kept:
             p = load_prompt("recaption", r["task_type"], 1)
             assert (r["recaption_prompt_id"], r["recaption_prompt_sha"]) == (p.id, p.sha)
@@ -296,10 +296,10 @@ def test_flagged_outputs_are_regenerated_under_new_seeds_then_dropped(
             teacher_input,
             tmp_path,
             **{
-                "filter.rules.mode": "enforce",
-                "filter.rules.max_regenerations": 2,
+                "recaption.mode": "enforce",
+                "recaption.max_regenerations": 2,
                 "run.limit": 4,
-                "filter.judge.enabled": False,
+                "judge.enabled": False,
             },
         )
         rec = _run(cfg, "regen", stages=("ingest", "recaption"))["recaption"]
@@ -310,7 +310,7 @@ def test_flagged_outputs_are_regenerated_under_new_seeds_then_dropped(
             len({json.dumps(b["messages"]) for b in bodies if b["seed"] == s}) == 1
             for s in {b["seed"] for b in bodies}
         )
-        res = runner._load(runner._stage_uri(runner.run_root(cfg, "regen"), "recaption", 0))
+        res = runner.layout(cfg, "regen").read_stage_result("recaption", 0)
         assert rec["rejected"] == len(res["rejected"]) == rec["by_task"]["all"]["stage1_dropped"] == 4
         for r in res["rejected"]:
             rec_row = json.loads(r["record"])
@@ -383,7 +383,7 @@ def test_server_killed_mid_stage_then_rerun_repeats_no_finished_request(
                 "models.teacher.max_concurrency": 2,
                 "models.teacher.max_retries": 2,
                 "models.teacher.backoff_s": 0.3,
-                "filter.rules.mode": "report",
+                "recaption.mode": "report",
             },
         )
         _run(cfg, "fault", stages=("ingest",))
@@ -452,7 +452,7 @@ def test_offline_backend_runs_recaption_and_judge_in_the_vllm_venv(models, teach
                 **common,
             },
             "models.judge": {"kind": "vllm_offline", "model": "tiny-llm", "path": models["llm"], **common},
-            "filter.rules.mode": "report",
+            "recaption.mode": "report",
         },
     )
     try:
@@ -461,7 +461,7 @@ def test_offline_backend_runs_recaption_and_judge_in_the_vllm_venv(models, teach
         assert rec["in"] == rec["out"] == 20 and rec["requests_sent"] == 20
         assert rec["by_task"]["all"]["tokens_measured"] == 20 and rec["by_task"]["all"]["tokens_after"] > 0
         assert jud["in"] == jud["out"] + jud["rejected"] == 20 and jud["by_task"]["all"]["judged"] == 20
-        rows = runner._load(runner._stage_uri(runner.run_root(cfg, "offline-1"), "recaption", 0))["rows"]
+        rows = runner.layout(cfg, "offline-1").read_stage_result("recaption", 0)["rows"]
         assert all(r["teacher_model"] == "tiny-aya-vision" and r["answer_en"] for r in rows)
         workers = list(vllm_offline._WORKERS.values())
         assert len(workers) == 2 and all(w.proc.poll() is None for w in workers)

@@ -222,7 +222,7 @@ def test_all_23_codes_produce_output_through_the_stage_without_code_tokens(model
     assert not res.rejected
     by_lang = Counter(r["lang"] for r in res.rows)
     assert by_lang == Counter({SOURCE_LANG: 2, **{lang: 2 for lang in AYA_TARGETS}})
-    assert res.extra["engine_calls"] == 1  # every language of the shard in one batched call
+    assert res.stats["engine_calls"] == 1  # every language of the shard in one batched call
     tr = ctx.translator()
     for r in res.rows:
         if r["lang"] == SOURCE_LANG:
@@ -245,7 +245,7 @@ def test_all_23_codes_produce_output_through_the_stage_without_code_tokens(model
         [SOURCE_LANG, *tr.sp.encode(a, out_type=str), "</s>"]
         for a in ("A dog is sleeping under the kitchen table.",)
     ]
-    raw = nllb_ct2._engine(models["nllb_ct2"], "cpu", "int8", 1, 1).translate_batch(
+    raw = nllb_ct2.load_engine(models["nllb_ct2"], "cpu", "int8", 1, 1).translate_batch(
         src * len(AYA_TARGETS),
         target_prefix=[[lang] for lang in AYA_TARGETS],
         beam_size=2,
@@ -259,7 +259,7 @@ def test_truncated_outputs_are_rejected_in_enforce_mode(models, tmp_path):
         models,
         tmp_path,
         **{
-            "translate.truncation": "enforce",
+            "translate.mode": "enforce",
             "run.languages": ["fra_Latn", "deu_Latn"],
             "run.language_ratio": 1.0,
         },
@@ -274,7 +274,7 @@ def test_truncated_outputs_are_rejected_in_enforce_mode(models, tmp_path):
         ("deu_Latn", "translation_truncated"),
         ("fra_Latn", "translation_truncated"),
     ]
-    assert res.extra["assigned"] == {SOURCE_LANG: 1, "fra_Latn": 1, "deu_Latn": 1}
+    assert sorted(res.counted_in) == [("s0", "deu_Latn"), ("s0", SOURCE_LANG), ("s0", "fra_Latn")]
 
 
 def _long_answer(words: int = 5000) -> str:
@@ -368,7 +368,7 @@ def test_an_empty_output_is_flagged_or_rejected_not_passed_on(models, tmp_path):
         cfg = _run_config(
             models,
             tmp_path / mode,
-            **{"translate.truncation": mode, "run.languages": ["fra_Latn"], "run.language_ratio": 1.0},
+            **{"translate.mode": mode, "run.languages": ["fra_Latn"], "run.language_ratio": 1.0},
         )
         ctx = Context(cfg, "t", 0, Cache(tmp_path / mode / "c.sqlite"))
         tr = ctx.translator()

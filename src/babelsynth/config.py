@@ -137,7 +137,6 @@ class RunSection(_Base):
     language_ratio: float = Field(1.0, gt=0, le=1.0, description="share of the English pool per language")
     language_ratios: dict[str, float] = Field(default_factory=dict)
     seed: int = 0
-    max_text_chars: int = Field(8000, ge=16)
     limit: int | None = Field(None, ge=1, description="use only the first N input records")
 
     @field_validator("languages")
@@ -154,7 +153,20 @@ class RunSection(_Base):
         return self
 
 
+class IngestSection(_Base):
+    """Validation of raw records; a record that fails goes to quarantine with its reason."""
+
+    max_text_chars: int = Field(8000, ge=16)
+
+
 class RecaptionSection(_Base):
+    """Teacher VLM recaption and the stage-1 rules (refusal, prompt echo, truncation, ...)."""
+
+    mode: Mode = Field(
+        "enforce", description="stage-1 rules: drop (enforce) or flag (report) after the last attempt"
+    )
+    max_regenerations: int = Field(2, ge=0, le=10, description="a flagged output is asked again, new seed")
+    min_words: int = Field(3, ge=0)
     max_tokens: int = Field(512, ge=1)
     temperature: float = Field(0.7, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -162,13 +174,9 @@ class RecaptionSection(_Base):
     prompt_version: int = Field(1, ge=1)
 
 
-class RulesSection(_Base):
-    mode: Mode = "enforce"
-    max_regenerations: int = Field(2, ge=0, le=10)
-    min_words: int = Field(3, ge=0)
-
-
 class JudgeSection(_Base):
+    """Stage-2 hallucination judge: a text LLM compares the recaption with the ground truth."""
+
     enabled: bool = True
     mode: Mode = "enforce"
     max_tokens: int = Field(256, ge=8)
@@ -176,13 +184,8 @@ class JudgeSection(_Base):
     prompt_version: int = 1
 
 
-class FilterSection(_Base):
-    rules: RulesSection = RulesSection()
-    judge: JudgeSection = JudgeSection()
-
-
 class TranslateSection(_Base):
-    truncation: Mode = Field(
+    mode: Mode = Field(
         "enforce",
         description="an output with a segment that hit the decoding limit or came back empty is dropped"
         " (enforce) or flagged (report)",
@@ -194,7 +197,6 @@ class RephraseSection(_Base):
     max_tokens: int = Field(512, ge=1)
     temperature: float = Field(0.3, ge=0)
     seed: int = 0
-    selection_margin: float = Field(0.02, ge=0, description="keep rephrase unless its QE is worse by more")
     prompt_version: int = 1
     keep_structure: bool = Field(
         True,
@@ -221,14 +223,14 @@ class CometGate(Gate):
     @model_validator(mode="after")
     def _one_rule(self) -> CometGate:
         if self.threshold is not None and self.quantile is not None:
-            raise ValueError("gates.comet: set threshold or quantile, not both")
+            raise ValueError("score.gates.comet: set threshold or quantile, not both")
         both = set(self.per_lang) & set(self.per_lang_quantile)
         if both:
-            raise ValueError(f"gates.comet: {sorted(both)} in both per_lang and per_lang_quantile")
+            raise ValueError(f"score.gates.comet: {sorted(both)} in both per_lang and per_lang_quantile")
         validate_codes(list(self.per_lang) + list(self.per_lang_quantile))
         for k, q in self.per_lang_quantile.items():
             if not 0 <= q < 1:
-                raise ValueError(f"gates.comet.per_lang_quantile[{k}] must be in [0, 1), got {q}")
+                raise ValueError(f"score.gates.comet.per_lang_quantile[{k}] must be in [0, 1), got {q}")
         return self
 
 
@@ -285,7 +287,9 @@ class LengthRatioGate(Gate):
     def _bands(self) -> LengthRatioGate:
         for k, (lo, hi) in {"*": (self.min, self.max), **self.per_lang}.items():
             if not 0 < lo < hi:
-                raise ValueError(f"gates.length_ratio band for {k} must have 0 < min < max, got [{lo}, {hi}]")
+                raise ValueError(
+                    f"score.gates.length_ratio band for {k} must have 0 < min < max, got [{lo}, {hi}]"
+                )
         validate_codes(list(self.per_lang))
         return self
 
@@ -302,17 +306,65 @@ class GatesSection(_Base):
     repetition: RepetitionGate = RepetitionGate()
 
 
+class ScoreSection(_Base):
+    """QE scoring, draft/rephrase selection and the quality gates (each gate enforce or report)."""
+
+    selection_margin: float = Field(0.02, ge=0, description="keep rephrase unless its QE is worse by more")
+    gates: GatesSection = GatesSection()
+
+
+# Keys of older configs -> where they live now; an old file fails with the new name in the message.
+RENAMED_KEYS = {
+    "filter.rules.mode": "recaption.mode",
+    "filter.rules.max_regenerations": "recaption.max_regenerations",
+    "filter.rules.min_words": "recaption.min_words",
+    "filter.judge": "judge",
+    "filter.rules": "recaption (mode, max_regenerations, min_words)",
+    "filter": "recaption (stage-1 rules) and judge",
+    "gates": "score.gates",
+    "translate.truncation": "translate.mode",
+    "rephrase.selection_margin": "score.selection_margin",
+    "run.max_text_chars": "ingest.max_text_chars",
+}
+
+
+def renamed_keys(data: dict) -> list[str]:
+    """Messages for every old key present in a raw config dict (most specific first)."""
+    out, seen = [], set()
+    for old in sorted(RENAMED_KEYS, key=lambda k: -k.count(".")):
+        node: Any = data
+        for part in old.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+            if node is None:
+                break
+        covered = any(s.startswith(old + ".") for s in seen)
+        if node is not None and not covered:
+            seen.add(old)
+            out.append(f"config key '{old}' is now '{RENAMED_KEYS[old]}'")
+    return out
+
+
 class RunConfig(_Base):
     input_uri: str
     output_uri: str
     cache_dir: str = ".work/cache"
     run: RunSection = RunSection()
     models: ModelsConfig
+    ingest: IngestSection = IngestSection()
     recaption: RecaptionSection = RecaptionSection()
-    filter: FilterSection = FilterSection()
+    judge: JudgeSection = JudgeSection()
     translate: TranslateSection = TranslateSection()
     rephrase: RephraseSection = RephraseSection()
-    gates: GatesSection = GatesSection()
+    score: ScoreSection = ScoreSection()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_old_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            problems = renamed_keys(data)
+            if problems:
+                raise ValueError("; ".join(problems))
+        return data
 
     def fingerprint(self) -> str:
         """Hash of everything that changes outputs; stored in the manifest."""
@@ -322,7 +374,8 @@ class RunConfig(_Base):
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-def _expand(obj: Any) -> Any:
+def expand_env(obj: Any) -> Any:
+    """${VAR} and ${VAR:-default} in every string of a parsed YAML document; a missing VAR is an error."""
     if isinstance(obj, str):
 
         def sub(m: re.Match) -> str:
@@ -335,9 +388,9 @@ def _expand(obj: Any) -> Any:
 
         return _ENV.sub(sub, obj)
     if isinstance(obj, dict):
-        return {k: _expand(v) for k, v in obj.items()}
+        return {k: expand_env(v) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_expand(v) for v in obj]
+        return [expand_env(v) for v in obj]
     return obj
 
 
@@ -359,7 +412,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
     if not p.exists():
         raise FileNotFoundError(f"config file not found: {p}")
     data = yaml.safe_load(p.read_text()) or {}
-    data = apply_overrides(_expand(data), overrides)
+    data = apply_overrides(expand_env(data), overrides)
     return RunConfig.model_validate(data)
 
 

@@ -1,75 +1,42 @@
-"""Runs stages over shards, writes outputs atomically and commits the manifest last.
+"""Runs stages over shards, checks each stage's contract, writes outputs atomically, commits last.
 
-Layout under <output_uri>/<run_id>/:
-  _stages/<stage>/shard=NNNNN.json.gz   per-stage results (kept, rejected, stats): the resume points
-  _stages/ingest/images-shard=NNNNN.parquet
-  samples/lang=<code>/part-NNNNN.parquet, rejected/part-NNNNN.parquet, images/part-NNNNN.parquet
-  manifest.json                         written last: a run without it is not finished
-A stage whose result file exists is skipped, so a retried task or a re-triggered run redoes nothing.
+Per shard and stage: load the previous stage's rows, run the stage, check that it read and wrote only the
+columns it declares and that every row it was given (or counted in) ends in its output or its rejects,
+exactly once, per (source_id, lang); only then persist the result. A stage whose result exists is skipped,
+so a retried task or a re-triggered run redoes nothing. Paths: `layout.RunLayout`.
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import io
-import json
 import logging
 import math
-import re
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any
 
-from babelsynth import storage
+from babelsynth import gating
 from babelsynth.cache import Cache
 from babelsynth.config import RunConfig
-from babelsynth.languages import SOURCE_LANG
+from babelsynth.layout import RunLayout
 from babelsynth.schema import arrow_schema, columns, to_table
-from babelsynth.stages import BY_NAME, STAGE_NAMES, Context, StageResult
+from babelsynth.stages import BY_NAME, STAGE_NAMES, STAGES, Context, Stage, StageResult, identity
 
 log = logging.getLogger(__name__)
-MANIFEST = "manifest.json"
 IMAGES_PER_PART = 2000
+_SHOW = 8  # keys named in a contract error
 
 
-def safe_run_id(run_id: str) -> str:
-    """Airflow run ids carry ':' and '+'; keep paths portable across S3, Hive readers and HF datasets."""
-    s = re.sub(r"[^A-Za-z0-9._-]+", "_", run_id).strip("_")
-    if not s:
-        raise ValueError(f"run id {run_id!r} has no usable characters")
-    return s
+class StageContractError(RuntimeError):
+    """A stage read or wrote an undeclared column, or lost or duplicated a row: its result is not kept."""
 
 
-def run_root(cfg: RunConfig, run_id: str) -> str:
-    return storage.join(cfg.output_uri, safe_run_id(run_id))
+def layout(cfg: RunConfig, run_id: str) -> RunLayout:
+    return RunLayout(cfg.output_uri, run_id)
 
 
-def _stage_uri(root: str, stage: str, shard: int) -> str:
-    return storage.join(root, "_stages", stage, f"shard={shard:05d}.json.gz")
-
-
-def _dump(obj: Any) -> bytes:
-    return gzip.compress(json.dumps(obj, ensure_ascii=False, default=str).encode(), mtime=0)
-
-
-def _load(uri: str) -> Any:
-    return json.loads(gzip.decompress(storage.read_bytes(uri)))
-
-
-def _parquet_bytes(table) -> bytes:
-    import pyarrow.parquet as pq
-
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
-    return buf.getvalue()
-
-
-def _read_parquet(uri: str):
-    import pyarrow.parquet as pq
-
-    return pq.read_table(storage.parquet_source(uri))
+def open_cache(cfg: RunConfig) -> Cache:
+    return Cache(Path(cfg.cache_dir) / "requests.sqlite")
 
 
 # ---------------------------------------------------------------- plan
@@ -77,38 +44,36 @@ def plan(cfg: RunConfig, run_id: str) -> list[int]:
     """Shard indices; shard size grows so the fan-out never exceeds run.max_shards."""
     import pyarrow.parquet as pq
 
-    root = run_root(cfg, run_id)
-    uri = storage.join(root, "_stages", "plan.json")
-    if storage.exists(uri):
-        return json.loads(storage.read_bytes(uri))["shards"]
-    src = cfg.input_uri
-    meta = pq.read_metadata(storage.parquet_source(src))
+    from babelsynth import storage
+
+    lay = layout(cfg, run_id)
+    if lay.has_plan():
+        return lay.read_plan()["shards"]
+    meta = pq.read_metadata(storage.parquet_source(cfg.input_uri))
     n = meta.num_rows if cfg.run.limit is None else min(meta.num_rows, cfg.run.limit)
     size = max(cfg.run.shard_size, math.ceil(n / cfg.run.max_shards))
     shards = list(range(math.ceil(n / size)))
-    doc = {
-        "run_id": run_id,
-        "input_uri": src,
-        "records": n,
-        "shard_size": size,
-        "shards": shards,
-        "config_fingerprint": cfg.fingerprint(),
-    }
-    storage.write_bytes(uri, json.dumps(doc, indent=1).encode())
+    lay.write_plan(
+        {
+            "run_id": run_id,
+            "input_uri": cfg.input_uri,
+            "records": n,
+            "shard_size": size,
+            "shards": shards,
+            "config_fingerprint": cfg.fingerprint(),
+        }
+    )
     return shards
 
 
-def _plan_doc(root: str) -> dict:
-    return json.loads(storage.read_bytes(storage.join(root, "_stages", "plan.json")))
-
-
-def _read_input_shard(cfg: RunConfig, root: str, shard: int) -> list[dict]:
+def read_input_shard(cfg: RunConfig, lay: RunLayout, shard: int) -> list[dict]:
     import pyarrow.parquet as pq
 
-    doc = _plan_doc(root)
+    from babelsynth import storage
+
+    doc = lay.read_plan()
     start, stop = shard * doc["shard_size"], min(doc["records"], (shard + 1) * doc["shard_size"])
-    src = cfg.input_uri
-    pf = pq.ParquetFile(storage.parquet_source(src))
+    pf = pq.ParquetFile(storage.parquet_source(cfg.input_uri))
     out, pos = [], 0
     for batch in pf.iter_batches(batch_size=256):  # streams: memory is one batch, not the file
         if pos + batch.num_rows > start:
@@ -120,14 +85,101 @@ def _read_input_shard(cfg: RunConfig, root: str, shard: int) -> list[dict]:
     return out
 
 
-# ---------------------------------------------------------------- stages
-def _stats(stage: str, n_in: Counter, res: StageResult, seconds: float) -> dict:
-    out_c = Counter(r.get("lang") or SOURCE_LANG for r in res.rows)
-    rej_c = Counter(r.get("lang") or SOURCE_LANG for r in res.rejected)
+# ---------------------------------------------------------------- the stage contract
+class _TrackedRow(dict):
+    """A row that records which columns the stage looks up. Copies (`{**row}`, `dict(row, ...)`) are not
+    reads: passing a column through is not depending on it."""
+
+    __slots__ = ("_seen",)
+
+    def __init__(self, data: dict, seen: set[str]):
+        super().__init__(data)
+        self._seen = seen
+
+    def __getitem__(self, key):
+        self._seen.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self._seen.add(key)
+        return super().get(key, default)
+
+    def __contains__(self, key) -> bool:
+        self._seen.add(key)
+        return super().__contains__(key)
+
+
+def track_reads(rows: list[dict]) -> tuple[list[dict], set[str]]:
+    """The rows a stage is given, and the set that fills with the columns it looks up."""
+    read: set[str] = set()
+    return [_TrackedRow(r, read) for r in rows], read
+
+
+def _show(keys) -> str:
+    keys = sorted(keys, key=str)
+    more = f" and {len(keys) - _SHOW} more" if len(keys) > _SHOW else ""
+    return ", ".join(map(str, keys[:_SHOW])) + more
+
+
+def check_contract(stage: Stage, shard: int, given: list[dict], res: StageResult, read: set[str]) -> Counter:
+    """Columns read and written against the declaration, then reconciliation by identity.
+
+    Returns the stage's input per language (what it counted in). Raises StageContractError naming the
+    stage, the shard and the offending columns or (source_id, lang) keys."""
+    where = f"stage {stage.name} (shard {shard})"
+    undeclared = read - set(stage.reads)
+    if undeclared:
+        raise StageContractError(
+            f"{where} read column(s) {_show(undeclared)}, which it does not declare; "
+            f"it declares {stage.reads}"
+        )
+    by_key = {identity(r): r for r in given}
+    by_source = {identity(r)[0]: r for r in given}
+    wrote: set[str] = set()
+    for row in res.rows:
+        base = by_key.get(identity(row)) or by_source.get(identity(row)[0]) or {}
+        wrote.update(k for k, v in row.items() if k not in base or base[k] != v)
+    undeclared = wrote - set(stage.writes)
+    if undeclared:
+        raise StageContractError(
+            f"{where} wrote column(s) {_show(undeclared)}, which it does not declare; "
+            f"it declares {stage.writes}"
+        )
+    given_keys = [identity(r) for r in given]
+    if res.counted_in is None:
+        expected = Counter(given_keys)
+    else:  # an expansion: it must cover every row given and invent no source
+        expected = Counter(res.counted_in)
+        sources = {k[0] for k in given_keys}
+        dropped = Counter(given_keys) - expected
+        invented = {k for k in expected if k[0] not in sources}
+        if dropped or invented:
+            raise StageContractError(
+                f"{where} counted in {len(expected)} (source_id, lang) keys that do not cover its input: "
+                f"input rows not counted: {_show(dropped)}; keys of no input row: {_show(invented)}"
+            )
+    got = Counter(identity(r) for r in res.rows) + Counter(identity(r) for r in res.rejected)
+    lost, extra = expected - got, got - expected
+    if lost or extra:
+        dup = {k for k in extra if k in expected}
+        problems = []
+        if lost:
+            problems.append(f"lost {sum(lost.values())} row(s), neither kept nor rejected: {_show(lost)}")
+        if dup:
+            problems.append(f"duplicated {len(dup)} row(s): {_show(dup)}")
+        if set(extra) - dup:
+            problems.append(f"produced row(s) it was not given: {_show(set(extra) - dup)}")
+        raise StageContractError(f"{where} does not reconcile (in = out + rejected): " + "; ".join(problems))
+    return Counter(k[1] for k in expected.elements())
+
+
+def _stats(stage: str, received: int, n_in: Counter, res: StageResult, seconds: float) -> dict:
+    out_c = Counter(identity(r)[1] for r in res.rows)
+    rej_c = Counter(identity(r)[1] for r in res.rejected)
     langs = sorted(set(n_in) | set(out_c) | set(rej_c))
-    extra = {k: v for k, v in res.extra.items() if k != "images"}
     return {
         "stage": stage,
+        "received": received,
         "in": sum(n_in.values()),
         "out": len(res.rows),
         "rejected": len(res.rejected),
@@ -136,58 +188,46 @@ def _stats(stage: str, n_in: Counter, res: StageResult, seconds: float) -> dict:
         "by_lang": {
             lg: {"in": n_in.get(lg, 0), "out": out_c.get(lg, 0), "rejected": rej_c.get(lg, 0)} for lg in langs
         },
-        **extra,
+        **res.stats,
     }
-
-
-def _images_loader(root: str, shard: int):
-    def load() -> dict[str, bytes]:
-        t = _read_parquet(storage.join(root, "_stages", "ingest", f"images-shard={shard:05d}.parquet"))
-        return dict(zip(t.column("image_id").to_pylist(), t.column("image").to_pylist()))
-
-    return load
 
 
 def run_stage(cfg: RunConfig, run_id: str, stage: str, shard: int, cache: Cache | None = None) -> dict:
     """Run one stage on one shard (skipped when its result exists). Returns the stage stats."""
     if stage not in BY_NAME:
         raise ValueError(f"unknown stage {stage!r}; stages are {STAGE_NAMES}")
-    root = run_root(cfg, run_id)
-    out_uri = _stage_uri(root, stage, shard)
-    if storage.exists(out_uri):
-        return _load(out_uri)["stats"]
+    lay = layout(cfg, run_id)
+    if lay.has_stage_result(stage, shard):
+        return lay.read_stage_result(stage, shard)["stats"]
     idx = STAGE_NAMES.index(stage)
     if idx == 0:
-        rows = _read_input_shard(cfg, root, shard)
-        # Translate and later count (record, lang): ingest counts English records.
-        n_in = Counter({SOURCE_LANG: len(rows)})
+        rows = read_input_shard(cfg, lay, shard)
     else:
-        prev = _stage_uri(root, STAGE_NAMES[idx - 1], shard)
-        if not storage.exists(prev):
+        prev = STAGE_NAMES[idx - 1]
+        if not lay.has_stage_result(prev, shard):
             raise RuntimeError(
-                f"stage {stage} of shard {shard} needs {STAGE_NAMES[idx - 1]} first ({prev} missing)"
+                f"stage {stage} of shard {shard} needs {prev} first "
+                f"({lay.stage_result_uri(prev, shard)} missing)"
             )
-        rows = _load(prev)["rows"]
-        n_in = Counter(r.get("lang") or SOURCE_LANG for r in rows)
+        rows = lay.read_stage_result(prev, shard)["rows"]
+    tracked, read = track_reads(rows)
     ctx = Context(
         cfg,
         run_id,
         shard,
-        cache or Cache(Path(cfg.cache_dir) / "requests.sqlite"),
-        _images_loader(root, shard),
+        cache or open_cache(cfg),
+        artifact=lambda s, n: lay.read_stage_artifact(s, n, shard),
     )
     t0 = time.perf_counter()
-    res = BY_NAME[stage].fn(ctx, rows)
-    if stage == "translate":  # the expansion into languages: count what was assigned, not the English rows
-        n_in = Counter(res.extra.pop("assigned"))
-    stats = _stats(stage, n_in, res, time.perf_counter() - t0)
-    if stage == "ingest":
-        imgs = [{"image_id": k, **_image_meta(v)} for k, v in res.extra["images"].items()]
-        storage.write_bytes(
-            storage.join(root, "_stages", "ingest", f"images-shard={shard:05d}.parquet"),
-            _parquet_bytes(to_table("images", imgs)),
-        )
-    storage.write_bytes(out_uri, _dump({"rows": res.rows, "rejected": res.rejected, "stats": stats}))
+    res = BY_NAME[stage].fn(ctx, tracked)
+    n_in = check_contract(BY_NAME[stage], shard, rows, res, read)
+    stats = _stats(stage, len(rows), n_in, res, time.perf_counter() - t0)
+    for name, (schema, art_rows) in res.artifacts.items():
+        lay.write_stage_artifact(stage, name, shard, to_table(schema, art_rows))
+    artifacts = {name: schema for name, (schema, _) in res.artifacts.items()}
+    lay.write_stage_result(
+        stage, shard, {"rows": res.rows, "rejected": res.rejected, "stats": stats, "artifacts": artifacts}
+    )
     log.info(
         "stage %s shard %d: in=%d out=%d rejected=%d (%.1fs)",
         stage,
@@ -200,115 +240,77 @@ def run_stage(cfg: RunConfig, run_id: str, stage: str, shard: int, cache: Cache 
     return stats
 
 
-def _image_meta(data: bytes) -> dict:
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as im:
-        return {"image": data, "format": im.format or "UNKNOWN", "width": im.width, "height": im.height}
+def stage_result_uri(cfg: RunConfig, run_id: str, stage: str, shard: int) -> str:
+    """Where a stage's result for one shard is (what a task reports)."""
+    return layout(cfg, run_id).stage_result_uri(stage, shard)
 
 
 # ---------------------------------------------------------------- write (per shard)
+def sample_id(source_id: str, lang: str) -> str:
+    return hashlib.sha256(f"{source_id}|{lang}".encode()).hexdigest()[:24]
+
+
 def write_shard(cfg: RunConfig, run_id: str, shard: int) -> dict:
     """Final Parquet for one shard: samples per language and every rejected row, explicit schemas."""
-    root = run_root(cfg, run_id)
-    last = _stage_uri(root, STAGE_NAMES[-1], shard)
-    done_uri = _stage_uri(root, "write", shard)
-    if storage.exists(done_uri):
-        return _load(done_uri)
-    if not storage.exists(last):
+    lay = layout(cfg, run_id)
+    if lay.has_write_marker(shard):
+        return lay.read_write_marker(shard)
+    if not lay.has_stage_result(STAGE_NAMES[-1], shard):
         raise RuntimeError(f"shard {shard} has not finished stage {STAGE_NAMES[-1]}")
     sample_cols = set(columns("samples"))
     by_lang: dict[str, list[dict]] = defaultdict(list)
-    for r in _load(last)["rows"]:
+    for r in lay.read_stage_result(STAGE_NAMES[-1], shard)["rows"]:
         row = {k: v for k, v in r.items() if k in sample_cols}
-        row.update(
-            run_id=run_id,
-            shard=shard,
-            sample_id=hashlib.sha256(f"{r['source_id']}|{r['lang']}".encode()).hexdigest()[:24],
-        )
+        row.update(run_id=run_id, shard=shard, sample_id=sample_id(r["source_id"], r["lang"]))
         by_lang[r["lang"]].append(row)
     rejected = []
     for stage in STAGE_NAMES:
-        for r in _load(_stage_uri(root, stage, shard))["rejected"]:
+        for r in lay.read_stage_result(stage, shard)["rejected"]:
             rejected.append({**r, "run_id": run_id, "shard": shard})
     files = []
     for lang in sorted(by_lang):
-        rel = f"samples/lang={lang}/part-{shard:05d}.parquet"
-        files.append(_write_table(root, rel, to_table("samples", by_lang[lang]), "samples", lang))
-    if rejected:
         files.append(
-            _write_table(
-                root, f"rejected/part-{shard:05d}.parquet", to_table("rejected", rejected), "rejected"
+            lay.write_table(
+                lay.samples_path(lang, shard), to_table("samples", by_lang[lang]), "samples", lang
             )
         )
+    if rejected:
+        files.append(lay.write_table(lay.rejected_path(shard), to_table("rejected", rejected), "rejected"))
     doc = {"shard": shard, "files": files}
-    storage.write_bytes(done_uri, _dump(doc))
+    lay.write_write_marker(shard, doc)
     return doc
-
-
-def _write_table(root: str, rel: str, table, name: str, lang: str | None = None) -> dict:
-    data = _parquet_bytes(table)
-    storage.write_bytes(storage.join(root, rel), data)
-    entry = {
-        "table": name,
-        "path": rel,
-        "rows": table.num_rows,
-        "bytes": len(data),
-        "sha256": hashlib.sha256(data).hexdigest(),
-    }
-    if lang:
-        entry["lang"] = lang
-    return entry
 
 
 # ---------------------------------------------------------------- commit (once per run)
 def commit(cfg: RunConfig, run_id: str, shards: list[int] | None = None) -> dict:
-    """Dedup images across shards, reconcile counts, write manifest.json last. Idempotent."""
-    root = run_root(cfg, run_id)
-    man_uri = storage.join(root, MANIFEST)
-    if storage.exists(man_uri):
-        return json.loads(storage.read_bytes(man_uri))
-    plan_doc = _plan_doc(root)
-    shards = plan_doc["shards"] if shards is None else shards
-    from babelsynth.regate import (
-        run_gates,  # run-level gates (COMET quantiles) + per-language summary; no model
-    )
+    """Run-level gates, every shard written, images deduplicated, counts reconciled, manifest.json last.
 
-    gating = run_gates(cfg, run_id, shards)
+    Idempotent: a committed run returns its manifest."""
+    lay = layout(cfg, run_id)
+    if lay.has_manifest():
+        return lay.read_manifest()
+    plan_doc = lay.read_plan()
+    shards = plan_doc["shards"] if shards is None else shards
+    gates = gating.run_gates(cfg, lay, shards)
     files: list[dict] = []
     stage_totals: dict[str, dict] = {}
+    image_artifacts: list[tuple[str, str]] = []  # (stage, name) of every artifact that is an images table
     for shard in shards:
         files += write_shard(cfg, run_id, shard)["files"]
         for stage in STAGE_NAMES:
-            _merge_stats(stage_totals.setdefault(stage, {}), _load(_stage_uri(root, stage, shard))["stats"])
-    # Images referenced by kept samples, each once (content-addressed), in bounded parts.
-    needed: set[str] = set()
-    for f in files:
-        if f["table"] == "samples":
-            for ids in _read_parquet(storage.join(root, f["path"])).column("image_ids").to_pylist():
-                needed.update(ids)
-    seen: set[str] = set()
-    part, buf = 0, []
-    for shard in shards:
-        t = _read_parquet(storage.join(root, "_stages", "ingest", f"images-shard={shard:05d}.parquet"))
-        for row in t.to_pylist():
-            if row["image_id"] in needed and row["image_id"] not in seen:
-                seen.add(row["image_id"])
-                buf.append(row)
-            if len(buf) >= IMAGES_PER_PART:
-                files.append(
-                    _write_table(root, f"images/part-{part:05d}.parquet", to_table("images", buf), "images")
-                )
-                part, buf = part + 1, []
-    if buf or part == 0:
-        files.append(_write_table(root, f"images/part-{part:05d}.parquet", to_table("images", buf), "images"))
-    samples_by_lang = Counter()
+            doc = lay.read_stage_result(stage, shard)
+            merge_stats(stage_totals.setdefault(stage, {}), doc["stats"])
+            for name, schema in (doc.get("artifacts") or {}).items():
+                if schema == "images" and (stage, name) not in image_artifacts:
+                    image_artifacts.append((stage, name))
+    files += _write_images(lay, files, shards, image_artifacts)
+    samples_by_lang: Counter = Counter()
     for f in files:
         if f["table"] == "samples":
             samples_by_lang[f["lang"]] += f["rows"]
     manifest = {
         "run_id": run_id,
-        "path": root,
+        "path": lay.root,
         "created_unix": int(time.time()),
         "input_uri": cfg.input_uri,
         "input_records": plan_doc["records"],
@@ -330,31 +332,58 @@ def commit(cfg: RunConfig, run_id: str, shards: list[int] | None = None) -> dict
         "stages": stage_totals,
         "samples_by_lang": dict(sorted(samples_by_lang.items())),
         "rejected_total": sum(f["rows"] for f in files if f["table"] == "rejected"),
-        "images": len(seen),
+        "images": sum(f["rows"] for f in files if f["table"] == "images"),
         "files": files,
+        "gates": gates["gates"],
+        "languages": gates["languages"],
     }
-    manifest.update(gates=gating["gates"], languages=gating["languages"])
     manifest["reconciliation"] = reconcile(manifest)
     if not manifest["reconciliation"]["ok"]:
         raise RuntimeError(f"counts do not reconcile: {manifest['reconciliation']['errors']}")
-    storage.write_bytes(man_uri, json.dumps(manifest, indent=1, ensure_ascii=False).encode())
+    lay.write_manifest(manifest)
     return manifest
 
 
-def _merge_stats(acc: dict, s: dict) -> None:
-    for k in ("in", "out", "rejected", "seconds"):
-        acc[k] = round(acc.get(k, 0) + s[k], 3)
-    for k, v in s["reasons"].items():
-        acc.setdefault("reasons", {})[k] = acc.get("reasons", {}).get(k, 0) + v
+def _write_images(
+    lay: RunLayout, files: list[dict], shards: list[int], sources: list[tuple[str, str]]
+) -> list:
+    """Images referenced by kept samples, each once (content-addressed), in bounded parts."""
+    needed: set[str] = set()
+    for f in files:
+        if f["table"] == "samples":
+            for ids in lay.read_table(f["path"]).column("image_ids").to_pylist():
+                needed.update(ids)
+    seen: set[str] = set()
+    out, part, buf = [], 0, []
+    for shard in shards:
+        for stage, name in sources:
+            for row in lay.read_stage_artifact(stage, name, shard).to_pylist():
+                if row["image_id"] in needed and row["image_id"] not in seen:
+                    seen.add(row["image_id"])
+                    buf.append(row)
+                if len(buf) >= IMAGES_PER_PART:
+                    out.append(lay.write_table(lay.images_path(part), to_table("images", buf), "images"))
+                    part, buf = part + 1, []
+    if buf or part == 0:
+        out.append(lay.write_table(lay.images_path(part), to_table("images", buf), "images"))
+    return out
+
+
+def merge_stats(acc: dict, s: dict) -> None:
+    """Add one shard's stage stats into the run totals (counters add, by_task ratios recomputed)."""
+    for k in ("received", "in", "out", "rejected", "seconds"):
+        acc[k] = round(acc.get(k, 0) + s.get(k, 0), 3)
     acc.setdefault("reasons", {})
-    acc.setdefault("by_lang", {})
+    for k, v in s["reasons"].items():
+        acc["reasons"][k] = acc["reasons"].get(k, 0) + v
     for k, v in s.items():  # stage-specific counters (requests_sent, engine_calls, ...) add up
-        if k not in ("in", "out", "rejected", "seconds", "stage") and isinstance(v, int | float):
+        if k not in ("received", "in", "out", "rejected", "seconds", "stage") and isinstance(v, int | float):
             acc[k] = acc.get(k, 0) + v
     for lang, c in s["by_lang"].items():
         d = acc.setdefault("by_lang", {}).setdefault(lang, {"in": 0, "out": 0, "rejected": 0})
         for k in d:
             d[k] += c[k]
+    acc.setdefault("by_lang", {})
     if "by_task" in s:  # teacher metrics per task type: counters add up, ratios are recomputed
         from babelsynth.filters import merge_task_stats
 
@@ -362,11 +391,12 @@ def _merge_stats(acc: dict, s: dict) -> None:
 
 
 def reconcile(m: dict) -> dict:
-    """Nothing lost: per stage and language in = out + rejected; each stage's out feeds the next."""
+    """Nothing lost: per stage and language in = out + rejected; each stage receives what the last kept."""
     errors = []
     st = m["stages"]
-    if st[STAGE_NAMES[0]]["in"] != m["input_records"]:
-        errors.append(f"ingest saw {st['ingest']['in']} records, input has {m['input_records']}")
+    first = STAGE_NAMES[0]
+    if st[first]["received"] != m["input_records"]:
+        errors.append(f"{first} received {st[first]['received']} records, input has {m['input_records']}")
     for name in STAGE_NAMES:
         s = st[name]
         if s["in"] != s["out"] + s["rejected"]:
@@ -375,15 +405,11 @@ def reconcile(m: dict) -> dict:
             if c["in"] != c["out"] + c["rejected"]:
                 errors.append(f"{name}/{lang}: in {c['in']} != out {c['out']} + rejected {c['rejected']}")
     for a, b in zip(STAGE_NAMES, STAGE_NAMES[1:]):
-        if b == "translate":  # expands into languages: the English rows must carry through
-            if st[b]["by_lang"].get(SOURCE_LANG, {}).get("in", 0) != st[a]["out"]:
-                errors.append(f"translate: English in != {a} out")
-            continue
-        if st[a]["out"] != st[b]["in"]:
-            errors.append(f"{a} out {st[a]['out']} != {b} in {st[b]['in']}")
+        if st[a]["out"] != st[b]["received"]:
+            errors.append(f"{a} out {st[a]['out']} != {b} received {st[b]['received']}")
     final = {lg: c["out"] for lg, c in st[STAGE_NAMES[-1]]["by_lang"].items() if c["out"]}
     if final != m["samples_by_lang"]:
-        errors.append(f"samples files {m['samples_by_lang']} != scored rows {final}")
+        errors.append(f"samples files {m['samples_by_lang']} != {STAGE_NAMES[-1]} kept rows {final}")
     total_rej = sum(s["rejected"] for s in st.values())
     if total_rej != m["rejected_total"]:
         errors.append(f"rejected files hold {m['rejected_total']} rows, stages rejected {total_rej}")
@@ -393,11 +419,11 @@ def reconcile(m: dict) -> dict:
 # ---------------------------------------------------------------- whole run in one process
 def run_all(cfg: RunConfig, run_id: str) -> dict:
     """Plan, every stage of every shard, write, commit: the CLI's `run` and the unit of the tests."""
-    cache = Cache(Path(cfg.cache_dir) / "requests.sqlite")
+    cache = open_cache(cfg)
     shards = plan(cfg, run_id)
-    for stage in STAGE_NAMES:
+    for stage in STAGES:
         for shard in shards:
-            run_stage(cfg, run_id, stage, shard, cache)
+            run_stage(cfg, run_id, stage.name, shard, cache)
     return commit(cfg, run_id, shards)
 
 
@@ -409,20 +435,18 @@ def summary(manifest: dict) -> str:
         "",
         f"{'stage':<10}{'in':>7}{'kept':>7}{'rejected':>10}{'seconds':>9}  reasons",
     ]
-    for name, s in manifest["stages"].items():
+    stages = manifest["stages"]
+    for name, s in stages.items():
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(s["reasons"].items())) or "-"
         lines.append(f"{name:<10}{s['in']:>7}{s['out']:>7}{s['rejected']:>10}{s['seconds']:>9.1f}  {reasons}")
     lines += ["", f"{'lang':<10}{'assigned':>9}{'kept':>7}{'rejected':>10}"]
-    tr, sc = manifest["stages"]["translate"]["by_lang"], manifest["stages"]["score"]["by_lang"]
-    for lang in sorted(tr):
-        rej = sum(
-            manifest["stages"][n]["by_lang"].get(lang, {}).get("rejected", 0)
-            for n in ("translate", "rephrase", "score")
-        )
-        lines.append(f"{lang:<10}{tr[lang]['in']:>9}{sc.get(lang, {}).get('out', 0):>7}{rej:>10}")
-    from babelsynth.regate import format_language_summary
-
-    lines += format_language_summary(manifest.get("languages", {}))
+    langs = sorted({lg for s in stages.values() for lg in s["by_lang"]})
+    last = stages[STAGE_NAMES[-1]]["by_lang"]
+    for lang in langs:
+        assigned = max(s["by_lang"].get(lang, {}).get("in", 0) for s in stages.values())
+        rej = sum(s["by_lang"].get(lang, {}).get("rejected", 0) for s in stages.values())
+        lines.append(f"{lang:<10}{assigned:>9}{last.get(lang, {}).get('out', 0):>7}{rej:>10}")
+    lines += gating.format_language_summary(manifest.get("languages", {}))
     lines.append(
         f"\nimages: {manifest['images']}, rejected rows: {manifest['rejected_total']}, "
         f"reconciled: {manifest['reconciliation']['ok']}"

@@ -100,7 +100,7 @@ _ENGINES: dict[tuple, object] = {}
 _ENGINES_LOCK = threading.Lock()
 
 
-def _engine(path: str, device: str, compute_type: str, inter: int, intra: int):
+def load_engine(path: str, device: str, compute_type: str, inter: int, intra: int):
     """One loaded model per process and settings: a run over many shards loads the weights once."""
     import ctranslate2
 
@@ -142,7 +142,9 @@ class NLLBTranslator:
             cfg.device, cfg.compute_type, ctranslate2.get_cuda_device_count()
         )
         self.sp = spm.SentencePieceProcessor(model_file=str(spm_file))
-        self.engine = _engine(str(path), self.device, self.compute_type, cfg.inter_threads, cfg.intra_threads)
+        self.engine = load_engine(
+            str(path), self.device, self.compute_type, cfg.inter_threads, cfg.intra_threads
+        )
         vocab = _vocabulary(path)  # suppress only tokens the model has (an unknown one would map to <unk>)
         self._suppress = None if vocab is None else [[t] for t in sorted((CONTROL_TOKENS - {EOS}) & vocab)]
         c = cfg

@@ -1,4 +1,9 @@
-"""Shared pieces of the stages: the per-shard context with lazily built backends, results, rejects."""
+"""What every stage shares: the Stage record, its result, the per-shard context, rejects and row identity.
+
+A stage is a function over one shard's rows. It never touches storage: the runner loads its input, gives
+it a context with lazily built backends, checks what it read, wrote and dropped against its declaration,
+and persists the result.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +14,45 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from babelsynth.cache import Cache
-from babelsynth.config import RunConfig
+from babelsynth.config import Mode, RunConfig
+from babelsynth.languages import SOURCE_LANG
+
+MISSING_ID = "<missing>"
+Key = tuple[str, str]
+
+
+def identity(row: dict) -> Key:
+    """(source_id, lang) of a row or a rejected row: the unit every stage accounts for.
+
+    Rows before translation carry no lang: they are English. Bookkeeping, not a read of the stage's:
+    `dict.get` bypasses the runner's read tracking."""
+    return (dict.get(row, "source_id") or MISSING_ID, dict.get(row, "lang") or SOURCE_LANG)
 
 
 @dataclass
 class StageResult:
+    """What a stage returns for one shard.
+
+    `counted_in` is the identities the stage took responsibility for, when that is not simply its input
+    (translate expands one English row into (row, language) jobs and counts them from the jobs, never from
+    its output). `artifacts` are extra tables the runner stores beside the result: {name: (schema, rows)}.
+    `stats` are stage-specific counters that the manifest adds up."""
+
     rows: list[dict]
     rejected: list[dict] = field(default_factory=list)
-    extra: dict[str, Any] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+    counted_in: list[Key] | None = None
+    artifacts: dict[str, tuple[str, list[dict]]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage as the registry and the runner see it. `reads`/`writes` are enforced on every shard."""
+
+    name: str
+    fn: Callable[[Context, list[dict]], StageResult]
+    reads: tuple[str, ...]
+    writes: tuple[str, ...]
 
 
 @dataclass
@@ -25,13 +61,13 @@ class Context:
     run_id: str
     shard: int
     cache: Cache
-    images: Callable[[], dict[str, bytes]] = lambda: {}
-    _backends: dict[str, Any] = field(default_factory=dict)
+    artifact: Callable[[str, str], Any] = lambda stage, name: None
+    backends: dict[str, Any] = field(default_factory=dict)  # built on first use; tests may put their own
 
     def _get(self, name: str, build: Callable[[], Any]) -> Any:
-        if name not in self._backends:
-            self._backends[name] = build()
-        return self._backends[name]
+        if name not in self.backends:
+            self.backends[name] = build()
+        return self.backends[name]
 
     def chat(self, role: str):
         from babelsynth.backends.chat_http import make_chat_client  # by the backend's `kind`
@@ -50,15 +86,40 @@ class Context:
 
 
 def reject(row: dict, stage: str, reason: str, detail: str = "") -> dict:
+    """A rejected row: identity, stage, reason code, detail, and the record as JSON (bytes left out)."""
     record = {k: v for k, v in row.items() if not isinstance(v, bytes)}
     return {
-        "source_id": row.get("source_id") or "<missing>",
-        "lang": row.get("lang"),
+        "source_id": identity(row)[0],
+        "lang": dict.get(row, "lang"),
         "stage": stage,
         "reason": reason,
         "detail": detail,
         "record": json.dumps(record, ensure_ascii=False, default=str),
     }
+
+
+def flag_or_reject(
+    row: dict,
+    stage: str,
+    problems: list[tuple[str, str]],
+    mode: Mode | Callable[[str], Mode],
+    flags_col: str = "filter_flags",
+) -> tuple[dict | None, dict | None]:
+    """The one enforce/report switch of every rule and gate (datatrove's keep-or-drop-with-a-reason).
+
+    `problems` are (reason code, detail). Report mode keeps the row with the codes appended to `flags_col`;
+    enforce mode drops it with the first enforced code as reason. `mode` may be per reason (the gates).
+    Returns (kept row, None) or (None, rejected row)."""
+    mode_of = mode if callable(mode) else (lambda _reason: mode)
+    enforced = [(code, detail) for code, detail in problems if mode_of(code) == "enforce"]
+    reported = [code for code, _ in problems if mode_of(code) != "enforce"]
+    if not problems:
+        return row, None
+    flagged = {**row, flags_col: [*(row.get(flags_col) or []), *(c for c, _ in problems)]}
+    if enforced:  # the rejected record carries every code it was flagged with, enforced or not
+        detail = "; ".join(f"{c}: {d}" if d else c for c, d in enforced)
+        return None, reject(flagged, stage, enforced[0][0], detail)
+    return {**row, flags_col: [*(row.get(flags_col) or []), *reported]}, None
 
 
 def stable_seed(*parts: Any) -> int:

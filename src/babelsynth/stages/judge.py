@@ -6,13 +6,13 @@ from collections import defaultdict
 
 from babelsynth.filters import task_stats
 from babelsynth.prompts import load_prompt
-from babelsynth.stages.base import Context, StageResult, reject, stable_seed
+from babelsynth.stages.base import Context, Stage, StageResult, flag_or_reject, reject, stable_seed
 
 VERDICT_CHOICE = {"structured_outputs": {"choice": ["YES", "NO"]}}
 
 
-READS = ("task_type", "question", "answer_gt", "answer_en")
-WRITES = ("judge_decision", "judge_explanation")
+READS = ("source_id", "task_type", "question", "answer_gt", "answer_en", "filter_flags")
+WRITES = ("judge_decision", "judge_explanation", "filter_flags")
 
 
 def judge(ctx: Context, rows: list[dict]) -> StageResult:
@@ -23,7 +23,7 @@ def judge(ctx: Context, rows: list[dict]) -> StageResult:
     Stats: requests_sent and by_task (judged, stage2_no, stage2_dropped and their rates)."""
     from babelsynth.backends.chat_http import ChatRequest
 
-    jc = ctx.cfg.filter.judge
+    jc = ctx.cfg.judge
     if not jc.enabled:
         return StageResult([{**r, "judge_decision": None, "judge_explanation": ""} for r in rows])
     client = ctx.chat("judge")
@@ -63,12 +63,15 @@ def judge(ctx: Context, rows: list[dict]) -> StageResult:
         out = {**r, "judge_decision": dec, "judge_explanation": e.text.strip()}
         t["judged"] += 1
         t["stage2_no"] += dec == "NO"
-        if dec == "YES":
-            kept.append(out)
-        elif jc.mode == "report":
-            kept.append({**out, "filter_flags": [*r["filter_flags"], "judge_rejected"]})
-        else:
+        problems = [("judge_rejected", e.text.strip())] if dec == "NO" else []
+        kept_row, dropped = flag_or_reject(out, "judge", problems, jc.mode)
+        if dropped:
             t["stage2_dropped"] += 1
-            rejected.append(reject(out, "judge", "judge_rejected", e.text.strip()))
+            rejected.append(dropped)
+        else:
+            kept.append(kept_row)
     stats = {"requests_sent": client.sent, "by_task": task_stats({k: dict(v) for k, v in by_task.items()})}
     return StageResult(kept, rejected, stats)
+
+
+STAGE = Stage("judge", judge, READS, WRITES)

@@ -8,7 +8,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from babelsynth.filters import Candidate, check_recaption, extract_tag, task_stats, words
 from babelsynth.metrics import mtld
 from babelsynth.prompts import load_prompt
-from babelsynth.stages.base import Context, StageResult, reject, stable_seed
+from babelsynth.stages.base import Context, Stage, StageResult, flag_or_reject, reject, stable_seed
 
 READS = ("source_id", "task_type", "question", "answer_gt", "image_ids")
 WRITES = (
@@ -18,6 +18,7 @@ WRITES = (
     "teacher_model",
     "filter_flags",
     "recaption_attempts",
+    "recaption_tokens",
 )
 COUNTERS = (
     "records",
@@ -55,8 +56,8 @@ def recaption(ctx: Context, rows: list[dict]) -> StageResult:
 def _recaption(ctx: Context, rows: list[dict], teacher, gt_tokens: Future) -> StageResult:
     from babelsynth.backends.chat_http import ChatRequest, image_data_url, user_with_image_urls
 
-    rc, rules = ctx.cfg.recaption, ctx.cfg.filter.rules
-    images = ctx.images()
+    rc = ctx.cfg.recaption
+    images = _images(ctx)
     urls: dict[str, str] = {}  # each image encoded once, reused by regenerations
 
     def url(iid: str) -> str:
@@ -71,7 +72,7 @@ def _recaption(ctx: Context, rows: list[dict], teacher, gt_tokens: Future) -> St
     by_task: dict[str, dict] = defaultdict(lambda: dict.fromkeys(COUNTERS, 0))
     for r in rows:
         by_task[r["task_type"]]["records"] += 1
-    for attempt in range(rules.max_regenerations + 1):
+    for attempt in range(rc.max_regenerations + 1):
         if not pending:
             break
         reqs = []
@@ -101,7 +102,7 @@ def _recaption(ctx: Context, rows: list[dict], teacher, gt_tokens: Future) -> St
             text = extract_tag(res.text, "answer")
             text = res.text.strip() if text is None else text
             flags = check_recaption(
-                Candidate(res.text, text, res.finish_reason, r["question"], r["answer_gt"]), rules.min_words
+                Candidate(res.text, text, res.finish_reason, r["question"], r["answer_gt"]), rc.min_words
             )
             flags_hist.setdefault(i, []).append(flags)
             p = load_prompt("recaption", r["task_type"], rc.prompt_version)
@@ -111,19 +112,23 @@ def _recaption(ctx: Context, rows: list[dict], teacher, gt_tokens: Future) -> St
                 "recaption_prompt_id": p.id,
                 "recaption_prompt_sha": p.sha,
                 "teacher_model": teacher.model_id,
-                "filter_flags": flags,
+                "filter_flags": [],
                 "recaption_attempts": attempt + 1,
                 "recaption_tokens": res.completion_tokens,
             }
-            if not flags or rules.mode == "report":
-                done[i] = out
-            elif attempt < rules.max_regenerations:
+            if flags and rc.mode == "enforce" and attempt < rc.max_regenerations:
                 retry.append(i)
-            else:
-                rejected.append(reject(out, "recaption", flags[0], f"flags per attempt: {flags_hist[i]}"))
+                continue
+            problems = [
+                (f, f"flags per attempt: {flags_hist[i]}" if not k else "") for k, f in enumerate(flags)
+            ]
+            kept_row, dropped = flag_or_reject(out, "recaption", problems, rc.mode)
+            if dropped:
+                rejected.append(dropped)
                 t["stage1_dropped"] += 1
-            if flags and (rules.mode == "report" or attempt == rules.max_regenerations):
-                t["stage1_flagged"] += 1
+            else:
+                done[i] = kept_row
+            t["stage1_flagged"] += bool(flags)
         pending = retry
     for i, h in flags_hist.items():
         by_task[rows[i]["task_type"]]["regenerated"] += len(h) > 1
@@ -136,6 +141,12 @@ def _recaption(ctx: Context, rows: list[dict], teacher, gt_tokens: Future) -> St
         "by_task": task_stats({k: dict(v) for k, v in by_task.items()}),
     }
     return StageResult(kept, rejected, stats)
+
+
+def _images(ctx: Context) -> dict[str, bytes]:
+    """The shard's images (content id -> bytes), from ingest's artifact."""
+    t = ctx.artifact("ingest", "images")
+    return dict(zip(t.column("image_id").to_pylist(), t.column("image").to_pylist())) if t is not None else {}
 
 
 def _measure(teacher, kept: list[dict], by_task: dict[str, dict], gt_tokens: dict[str, int | None]) -> None:
@@ -157,3 +168,6 @@ def _measure(teacher, kept: list[dict], by_task: dict[str, dict], gt_tokens: dic
             if m is not None:
                 t[f"mtld_{side}_sum"] += m
                 t[f"mtld_{side}_n"] += 1
+
+
+STAGE = Stage("recaption", recaption, READS, WRITES)

@@ -13,7 +13,7 @@ from collections import Counter
 
 from babelsynth.languages import SOURCE_LANG, language_name
 from babelsynth.prompts import load_prompt
-from babelsynth.stages.base import Context, StageResult, stable_seed
+from babelsynth.stages.base import Context, Stage, StageResult, stable_seed
 
 READS = ("lang", "prompt_en", "answer_en", "draft_prompt", "draft_answer")
 WRITES = ("rephrase_prompt", "rephrase_answer", "rephrase_status", "rephraser_model")
@@ -147,3 +147,6 @@ def rephrase(ctx: Context, rows: list[dict]) -> StageResult:
     return StageResult(
         out, [], {"requests_sent": getattr(client, "sent", 0), "rephrase_requests": len(reqs), **counts}
     )
+
+
+STAGE = Stage("rephrase", rephrase, READS, WRITES)

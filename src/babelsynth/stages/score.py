@@ -5,14 +5,14 @@ Every score a gate reads is stored on the row (comet_final, mtld + mtld_tokens, 
 config: `babelsynth regate` re-applies changed thresholds to a finished run without any model call.
 
 COMET quantile gates need the whole run's score distribution per language, which one shard cannot see:
-here they are left open, and commit (regate.run_gates) resolves and applies them over every shard.
+here they are left open, and commit (gating.run_gates) resolves and applies them over every shard.
 """
 
 from __future__ import annotations
 
 from babelsynth.config import RunConfig
 from babelsynth.languages import SOURCE_LANG
-from babelsynth.stages.base import Context, StageResult, reject
+from babelsynth.stages.base import Context, Stage, StageResult, flag_or_reject
 
 READS = (
     "lang",
@@ -53,7 +53,7 @@ def _mean(a: float | None, b: float | None) -> float | None:
 # ---------------------------------------------------------------------------------------------- pure gates
 def comet_rule(cfg: RunConfig, lang: str) -> tuple[str, float] | None:
     """("absolute", minimum) or ("quantile", q) for a language, the most specific setting winning."""
-    g = cfg.gates.comet
+    g = cfg.score.gates.comet
     if lang in g.per_lang:
         return ("absolute", g.per_lang[lang])
     if lang in g.per_lang_quantile:
@@ -92,7 +92,7 @@ def comet_thresholds(
 
 def gate_results(row: dict, cfg: RunConfig, comet_min: float | None) -> dict[str, bool | None]:
     """Pure: per gate True (pass), False (fail) or None (not applicable: no score, too short, English)."""
-    g, lang = cfg.gates, row["lang"]
+    g, lang = cfg.score.gates, row["lang"]
     res: dict[str, bool | None] = dict.fromkeys(GATES)
     if lang != SOURCE_LANG and row.get("comet_final") is not None and comet_min is not None:
         res["comet"] = row["comet_final"] >= comet_min
@@ -116,7 +116,7 @@ def gate_failures(row: dict, cfg: RunConfig, comet_min: float | None = None) -> 
 
 
 def gate_mode(cfg: RunConfig, flag: str) -> str:
-    return getattr(cfg.gates, flag.removeprefix("gate_")).mode
+    return getattr(cfg.score.gates, flag.removeprefix("gate_")).mode
 
 
 def apply_gates(
@@ -125,14 +125,15 @@ def apply_gates(
     """Pure: (kept, rejected) for scored rows; report-mode failures become gate_flags on kept rows."""
     kept, rejected = [], []
     for r in rows:
-        out = dict(r)
+        out = {**r, "gate_flags": []}
         fails = gate_failures(out, cfg, thresholds.get(out["lang"]))
-        enforced = [f for f in fails if gate_mode(cfg, f) == "enforce"]
-        out["gate_flags"] = [f for f in fails if f not in enforced]
-        if enforced:
-            rejected.append(reject(out, "score", enforced[0], f"failed gates: {enforced}"))
+        kept_row, dropped = flag_or_reject(
+            out, "score", [(f, "") for f in fails], lambda f: gate_mode(cfg, f), flags_col="gate_flags"
+        )
+        if dropped:
+            rejected.append(dropped)
         else:
-            kept.append(out)
+            kept.append(kept_row)
     return kept, rejected
 
 
@@ -142,11 +143,11 @@ def score(ctx: Context, rows: list[dict]) -> StageResult:
 
     Drop reasons (enforce mode): gate_comet, gate_mtld, gate_langid, gate_length_ratio, gate_repetition.
     A part the rephraser could not deliver falls back to its draft; the rephrase is selected unless its QE
-    is worse than the draft's by more than rephrase.selection_margin."""
+    is worse than the draft's by more than score.selection_margin."""
     from babelsynth import metrics
 
     cfg = ctx.cfg
-    margin = cfg.rephrase.selection_margin
+    margin = cfg.score.selection_margin
     cand = [
         (r.get("rephrase_prompt") or r["draft_prompt"], r.get("rephrase_answer") or r["draft_answer"])
         if r["lang"] != SOURCE_LANG
@@ -216,7 +217,10 @@ def score(ctx: Context, rows: list[dict]) -> StageResult:
         )
     thresholds = comet_thresholds(cfg, {o["lang"] for o in scored})  # quantile rules: resolved at commit
     kept, rejected = apply_gates(scored, cfg, thresholds)
-    extra = {"comet_pairs": len(pair_list)}
+    stats = {"comet_pairs": len(pair_list)}
     if scorer is not None:
-        extra.update(comet_calls=scorer.calls, comet_split_pairs=getattr(scorer, "split_pairs", 0))
-    return StageResult(kept, rejected, extra)
+        stats.update(comet_calls=scorer.calls, comet_split_pairs=getattr(scorer, "split_pairs", 0))
+    return StageResult(kept, rejected, stats)
+
+
+STAGE = Stage("score", score, READS, WRITES)

@@ -6,7 +6,7 @@ from collections import Counter
 
 from babelsynth.config import RunConfig
 from babelsynth.languages import SOURCE_LANG
-from babelsynth.stages.base import Context, StageResult, reject, stable_seed
+from babelsynth.stages.base import Context, Stage, StageResult, flag_or_reject, stable_seed
 
 READS = ("source_id", "question", "answer_en", "filter_flags")
 WRITES = ("lang", "prompt_en", "draft_prompt", "draft_answer", "translator_model", "filter_flags")
@@ -23,12 +23,13 @@ def languages_for(cfg: RunConfig, source_id: str) -> list[str]:
 
 
 def translate(ctx: Context, rows: list[dict]) -> StageResult:
-    """NLLB drafts of prompt and answer, translated separately (they keep their roles); English passes
-    through.
+    """NLLB drafts of prompt and answer, translated separately (they keep their roles); English passes.
 
-    All languages of the shard go to the engine in one token-batched call. Drop reasons (enforce mode):
-    translation_empty (a segment came back empty: content lost), translation_truncated (a segment hit
-    max_decoding_length). In report mode both are added to filter_flags instead."""
+    One English row becomes one row per language it is assigned to (plus itself): the stage counts in the
+    (row, language) jobs it was given, before any engine call. All languages of the shard go to the engine
+    in one token-batched call. Drop reasons (translate.mode enforce): translation_empty (a segment came
+    back empty: content lost), translation_truncated (a segment hit max_decoding_length); in report mode
+    both go to filter_flags."""
     jobs: list[tuple[dict, str]] = []
     out, rejected = [], []
     for r in rows:
@@ -43,7 +44,8 @@ def translate(ctx: Context, rows: list[dict]) -> StageResult:
             }
         )
         jobs += [(r, lang) for lang in languages_for(ctx.cfg, r["source_id"])]
-    extra: dict = {}
+    counted_in = [(r["source_id"], SOURCE_LANG) for r in rows] + [(r["source_id"], lang) for r, lang in jobs]
+    stats: dict = {}
     if jobs:
         tr = ctx.translator()
         before = Counter(tr.stats)
@@ -63,14 +65,15 @@ def translate(ctx: Context, rows: list[dict]) -> StageResult:
                 problems.append(("translation_empty", f"{p.empty + a.empty} segment(s) came back empty"))
             if p.truncated or a.truncated:
                 problems.append(("translation_truncated", "a segment hit max_decoding_length"))
-            if problems and ctx.cfg.translate.truncation == "enforce":
-                rejected.append(reject(row, "translate", problems[0][0], problems[0][1]))
-                continue
-            if problems:
-                row["filter_flags"] = [*r["filter_flags"], *(code for code, _ in problems)]
-            out.append(row)
+            kept_row, dropped = flag_or_reject(row, "translate", problems, ctx.cfg.translate.mode)
+            if dropped:
+                rejected.append(dropped)
+            else:
+                out.append(kept_row)
         delta = Counter(tr.stats)
         delta.subtract(before)
-        extra = {k: delta[k] for k in ("engine_calls", "segments_translated", "chunks", "cache_hits")}
-    assigned = Counter(r["lang"] for r in out) + Counter(r["lang"] for r in rejected)
-    return StageResult(out, rejected, {**extra, "assigned": dict(assigned)})
+        stats = {k: delta[k] for k in ("engine_calls", "segments_translated", "chunks", "cache_hits")}
+    return StageResult(out, rejected, stats, counted_in=counted_in)
+
+
+STAGE = Stage("translate", translate, READS, WRITES)

@@ -7,7 +7,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict
 
-from babelsynth.config import _expand
+from babelsynth.config import expand_env
 from babelsynth.train.config import TrainConfig
 
 
@@ -20,7 +20,7 @@ class TrainRecipe(BaseModel):
 
 
 def load_recipe(path: str | Path) -> TrainRecipe:
-    return TrainRecipe.model_validate(_expand(yaml.safe_load(Path(path).read_text()) or {}))
+    return TrainRecipe.model_validate(expand_env(yaml.safe_load(Path(path).read_text()) or {}))
 
 
 def train_from_manifest(manifest_uri: str, recipe_path: str, out_uri: str | None = None) -> dict:
