@@ -70,7 +70,7 @@ def main() -> None:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = args.engine_mp  # the offline worker inherits it
 
     from babelsynth import runner
-    from babelsynth.backends.chat_http import ChatClient
+    from babelsynth.backends.chat_http import OpenAIHTTPClient
     from babelsynth.backends.vllm_offline import close_all
     from babelsynth.cache import Cache
     from babelsynth.config import load_config
@@ -121,7 +121,7 @@ def main() -> None:
 
     from babelsynth.backends.vllm_offline import VLLMOfflineClient, _worker_for
 
-    class Recording(ChatClient):
+    class Recording(OpenAIHTTPClient):
         """The stage's own HTTP client, recording the request bodies and the time spent in chat requests."""
 
         bodies: ClassVar[list[dict]] = []

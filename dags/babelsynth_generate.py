@@ -14,13 +14,15 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import Asset, Param, dag, get_current_context, task, task_group
 
-from operators import babelsynth_ops as ops
+from operators import tasks
+from operators.params import MAX_MAPPED
 from operators.placement import STAGES, load_placement
+from operators.stage import stage_operator
 
 SHARDS_ASSET = Asset(name="babelsynth_shards", uri="file:///babelsynth/shards")
 LANG_CODE = "^[a-z]{3}_[A-Z][a-z]{3}$"
 PLACEMENT = load_placement()  # where each stage runs: $BABELSYNTH_AIRFLOW_CONFIG (configs/airflow.yaml)
-MAX_SHARDS = ops.MAX_MAPPED  # the fan-out bound: at most this many mapped tasks per stage
+MAX_SHARDS = MAX_MAPPED  # the fan-out bound: at most this many mapped tasks per stage
 
 
 def _schedule() -> str | None:
@@ -85,17 +87,17 @@ def _str(description: str) -> Param:
 def babelsynth_generate():
     @task
     def plan(params=None) -> list[int]:
-        return ops.plan(params, get_current_context()["run_id"])
+        return tasks.plan(params, get_current_context()["run_id"])
 
     @task
     def write(shard: int, params=None) -> dict:
-        return ops.write(shard, params, get_current_context()["run_id"])
+        return tasks.write(shard, params, get_current_context()["run_id"])
 
     @task_group(group_id="shard")
     def per_shard(shard: int):
         prev = None
         for name in STAGES:
-            t = ops.stage_operator(name, shard, PLACEMENT)
+            t = stage_operator(name, shard, PLACEMENT)
             if prev is not None:
                 prev >> t
             prev = t
@@ -104,7 +106,7 @@ def babelsynth_generate():
     @task(outlets=[SHARDS_ASSET])
     def commit(params=None) -> dict:
         ctx = get_current_context()
-        out = ops.commit(params, ctx["run_id"])
+        out = tasks.commit(params, ctx["run_id"])
         run_after = ctx["dag_run"].run_after
         ctx["outlet_events"][SHARDS_ASSET].extra = {
             "manifest_uri": out["manifest_uri"],

@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import Asset, Param, dag, get_current_context, task
 
-from operators import babelsynth_ops as ops
+from operators import tasks
 from operators.placement import load_placement
 
 SHARDS_ASSET = Asset(name="babelsynth_shards", uri="file:///babelsynth/shards")
@@ -59,7 +59,7 @@ def babelsynth_train():
         cfg = params.get("train_config") or os.environ.get(
             "BABELSYNTH_TRAIN_CONFIG", "configs/train_demo.yaml"
         )
-        return ops.train(uri, cfg, params.get("out_uri"))
+        return tasks.train(uri, cfg, params.get("out_uri"))
 
     train_and_merge(manifest_uri())
 

@@ -13,7 +13,7 @@ from typing import Any
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 from kubernetes.client import models as k8s
 
-from operators import babelsynth_ops as ops
+from operators.params import config_path, run_overrides
 from operators.placement import KubernetesSection, stage_argv
 
 
@@ -47,8 +47,8 @@ class BabelsynthPodStageOperator(KubernetesPodOperator):
 
     def argv(self, context) -> list[str]:
         params = context["params"]
-        cfg = self.pod_config_path or ops.config_path(params)
-        over = ops.run_overrides(params, with_keys=False)  # API keys reach pods as secrets, never as argv
+        cfg = self.pod_config_path or config_path(params)
+        over = run_overrides(params, with_keys=False)  # API keys reach pods as secrets, never as argv
         return stage_argv(self.stage, int(self.shard), cfg, context["run_id"], over)
 
     def execute(self, context):

@@ -10,15 +10,15 @@ from typing import Any
 
 from airflow.providers.standard.operators.python import ExternalPythonOperator
 
-from operators import babelsynth_ops as ops
+from operators.params import config_path, run_overrides
 
 
-def _run_stage_in_venv(config_path: str, overrides: dict, run_key: str, stage: str, shard: int) -> dict:
+def _run_stage_in_venv(config_file: str, overrides: dict, run_key: str, stage: str, shard: int) -> dict:
     """Runs in the target interpreter (its source is shipped there): the same library call as the worker."""
     from babelsynth import runner
     from babelsynth.config import load_config
 
-    cfg = load_config(config_path, overrides)
+    cfg = load_config(config_file, overrides)
     stats = runner.run_stage(cfg, run_key, stage, shard)
     uri = runner.stage_result_uri(cfg, run_key, stage, shard)
     return {**{k: stats[k] for k in ("stage", "in", "out", "rejected")}, "uri": uri}
@@ -36,8 +36,8 @@ class BabelsynthVenvStageOperator(ExternalPythonOperator):
     def execute(self, context):
         params = context["params"]
         self.op_kwargs = {
-            "config_path": ops.config_path(params),
-            "overrides": ops.run_overrides(params),
+            "config_file": config_path(params),
+            "overrides": run_overrides(params),
             "run_key": context["run_id"],
             "stage": self.stage,
             "shard": int(self.shard),

@@ -118,7 +118,7 @@ def test_model_stages_take_gpu_pool_slots_and_xcom_is_small(bag):
     for task_id in ("plan", "shard.ingest", "shard.write", "commit"):
         assert dag.get_task(task_id).pool == "default_pool", task_id
     assert bag.dags["babelsynth_train"].get_task("train_and_merge").pool == "gpu"
-    from operators.babelsynth_ops import compact
+    from operators.tasks import compact
 
     stats = {
         "stage": "translate",
@@ -193,7 +193,7 @@ def test_pod_runs_the_cli_argv_a_worker_would_run(tmp_path, sample_input, monkey
     argv through the real CLI gives the stage result the in-worker path gives."""
     import gzip
 
-    from operators import babelsynth_ops as ops
+    from operators import tasks
     from operators.placement import load_placement
     from operators.pod import BabelsynthPodStageOperator
 
@@ -228,11 +228,11 @@ def test_pod_runs_the_cli_argv_a_worker_would_run(tmp_path, sample_input, monkey
     assert c.resources.limits["nvidia.com/gpu"] == "1" and c.resources.requests["nvidia.com/gpu"] == "1"
 
     for p in (pod_params, worker_params):
-        ops.plan(p, run_id)
+        tasks.plan(p, run_id)
     cli = Path(sys.executable).parent / "babelsynth"
     out = subprocess.run([str(cli), *argv], capture_output=True, text=True, env=dict(os.environ), timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    worker = ops.run_stage("ingest", 1, worker_params, run_id)
+    worker = tasks.run_stage("ingest", 1, worker_params, run_id)
     assert worker["in"] == 3 and worker["uri"].startswith(str(tmp_path / "worker"))
 
     def rows(root: str):
@@ -248,7 +248,7 @@ def test_fan_out_is_clamped_to_the_mapping_bound_whatever_the_config(tmp_path, m
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from operators import babelsynth_ops as ops
+    from operators import params, tasks
 
     src = tmp_path / "in.parquet"
     pq.write_table(pa.table({"n": list(range(600))}), src)  # plan reads only the row count
@@ -260,23 +260,23 @@ def test_fan_out_is_clamped_to_the_mapping_bound_whatever_the_config(tmp_path, m
         .read_text()
         .replace("shard_size: 16", "shard_size: 1\n  max_shards: 1000")
     )
-    shards = ops.plan({"config_path": str(cfg), "input_uri": str(src)}, "wide")
+    shards = tasks.plan({"config_path": str(cfg), "input_uri": str(src)}, "wide")
     assert (
-        ops.MAX_MAPPED == 256 and len(shards) == 200
+        params.MAX_MAPPED == 256 and len(shards) == 200
     )  # 3 records per shard; unclamped it would be 600 tasks
 
 
 def test_vllm_endpoints_from_airflow_connections_params_win(monkeypatch):
-    from operators import babelsynth_ops as ops
+    from operators.params import run_overrides
 
     monkeypatch.setenv("AIRFLOW_CONN_BABELSYNTH_TEACHER", "http://:s3cret@vllm-teacher:8000/v1")
     monkeypatch.setenv("AIRFLOW_CONN_BABELSYNTH_LLM", "https://vllm-llm.example.com/v1")
     monkeypatch.delenv("BABELSYNTH_TEACHER_API_KEY", raising=False)
-    over = ops.run_overrides({"llm_url": "http://10.0.0.7:8000/v1"})
+    over = run_overrides({"llm_url": "http://10.0.0.7:8000/v1"})
     assert over["models.teacher.base_url"] == "http://vllm-teacher:8000/v1"
     assert over["models.teacher.api_key_env"] == "BABELSYNTH_TEACHER_API_KEY"
     assert os.environ["BABELSYNTH_TEACHER_API_KEY"] == "s3cret"
     assert over["models.judge.base_url"] == over["models.rephraser.base_url"] == "http://10.0.0.7:8000/v1"
-    pod = ops.run_overrides({}, with_keys=False)  # what a pod's argv carries: URLs, never keys
+    pod = run_overrides({}, with_keys=False)  # what a pod's argv carries: URLs, never keys
     assert "models.teacher.api_key_env" not in pod and "s3cret" not in json.dumps(pod)
     assert pod["models.judge.base_url"] == "https://vllm-llm.example.com/v1"

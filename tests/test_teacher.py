@@ -21,13 +21,8 @@ from types import SimpleNamespace
 import pytest
 
 from babelsynth import runner
-from babelsynth.backends.chat_http import (
-    BackendError,
-    ChatClient,
-    ChatRequest,
-    image_data_url,
-    resolve_api_key,
-)
+from babelsynth.backends.chat import BackendError, ChatRequest, image_data_url
+from babelsynth.backends.chat_http import OpenAIHTTPClient
 from babelsynth.cache import Cache
 from babelsynth.config import OpenAIHTTPBackend, VLLMOfflineBackend, config_from_dict
 from babelsynth.prompts import load_prompt
@@ -120,38 +115,20 @@ def _run(cfg, run_id: str, stages=("ingest", "recaption", "judge")) -> dict:
 
 
 # ---------------------------------------------------------------- API key, images, unreachable server
-def test_api_key_from_env_or_airflow_connection(monkeypatch):
-    cfg = OpenAIHTTPBackend(
-        base_url="http://h/v1", model="m", api_key_env="BS_KEY", api_key_conn_id="vllm_teacher"
-    )
-    monkeypatch.delenv("BS_KEY", raising=False)
-    monkeypatch.setenv(
-        "AIRFLOW_CONN_VLLM_TEACHER", json.dumps({"conn_type": "http", "password": "from-json"})
-    )
-    assert resolve_api_key(cfg) == "from-json"
-    monkeypatch.setenv("AIRFLOW_CONN_VLLM_TEACHER", "http://user:p%40ss%2Fw@vllm:8000/")
-    assert resolve_api_key(cfg) == "p@ss/w"
-    monkeypatch.setenv("BS_KEY", "from-env")  # the env var wins over the connection
-    assert resolve_api_key(cfg) == "from-env"
-    assert resolve_api_key(OpenAIHTTPBackend(base_url="http://h/v1", model="m")) is None
+def test_api_key_is_read_from_the_env_var_the_config_names(monkeypatch):
+    client = OpenAIHTTPClient(OpenAIHTTPBackend(base_url="http://h/v1", model="m", api_key_env="BS_KEY"))
+    monkeypatch.setenv("BS_KEY", "from-env")
+    assert client._headers() == {"Authorization": "Bearer from-env"}
+    assert "from-env" not in repr(client)
+    monkeypatch.delenv("BS_KEY")
+    assert client._headers() == {"Authorization": "Bearer EMPTY"}  # vLLM started without --api-key
 
 
-@pytest.mark.parametrize("in_airflow", [False, True])
-def test_missing_airflow_connection_is_a_clear_error(monkeypatch, in_airflow):
-    """Outside Airflow the env form is the only source; inside a task (Airflow loaded) its SDK is asked."""
-    import sys
-
-    if in_airflow:
-        import airflow.sdk  # noqa: F401 - as in a task process
-    else:
-        monkeypatch.delitem(sys.modules, "airflow.sdk", raising=False)
-    monkeypatch.delenv("AIRFLOW_CONN_NOPE", raising=False)
-    cfg = OpenAIHTTPBackend(base_url="http://h/v1", model="m", api_key_conn_id="nope")
-    with pytest.raises(
-        BackendError, match="'nope' for http://h/v1 not found: AIRFLOW_CONN_NOPE is not set"
-    ) as e:
-        resolve_api_key(cfg)
-    assert ("task's Airflow answered" in str(e.value)) is in_airflow
+def test_a_config_naming_an_airflow_connection_is_refused_with_the_way_out():
+    """The library reads no Airflow connection: the operators' hook does, and hands over api_key_env."""
+    with pytest.raises(ValueError, match="api_key_conn_id") as e:
+        OpenAIHTTPBackend(base_url="http://h/v1", model="m", api_key_conn_id="vllm_teacher")
+    assert "BabelsynthEndpointHook" in str(e.value) and "api_key_env" in str(e.value)
 
 
 def test_images_are_resized_to_the_configured_maximum():
@@ -172,7 +149,7 @@ def test_images_are_resized_to_the_configured_maximum():
 
 def test_unreachable_server_fails_with_the_url_after_bounded_retries():
     url = f"http://127.0.0.1:{free_port()}/v1"
-    client = ChatClient(OpenAIHTTPBackend(base_url=url, model="m", max_retries=2, backoff_s=0.01))
+    client = OpenAIHTTPClient(OpenAIHTTPBackend(base_url=url, model="m", max_retries=2, backoff_s=0.01))
     with pytest.raises(BackendError) as e:
         client.chat_many([ChatRequest([{"role": "user", "content": "hi"}], 4)])
     assert f"{url}/chat/completions" in str(e.value) and "failed after 3 attempts" in str(e.value)
@@ -351,14 +328,14 @@ def test_api_key_authenticates_and_never_shows(keyed_teacher, caplog, monkeypatc
     )
     req = ChatRequest([{"role": "user", "content": "hello"}], 4, seed=1)
     monkeypatch.delenv("BS_TEACHER_KEY", raising=False)
-    no_key = ChatClient(cfg)
+    no_key = OpenAIHTTPClient(cfg)
     with pytest.raises(
         BackendError, match="HTTP 401"
     ) as e:  # a wrong key fails the task at once, not each row
         no_key.chat_many([req])
     assert keyed_teacher.url in str(e.value) and no_key.sent == 1
     monkeypatch.setenv("BS_TEACHER_KEY", SECRET)
-    client = ChatClient(cfg)
+    client = OpenAIHTTPClient(cfg)
     (res,) = client.chat_many([req])
     assert res.error is None and res.completion_tokens > 0
     shown = caplog.text + repr(client) + repr(cfg) + str(cfg.model_dump()) + str(e.value) + repr(res)
@@ -475,7 +452,7 @@ def test_offline_backend_runs_recaption_and_judge_in_the_vllm_venv(models, teach
 
 
 def test_cache_keys_cover_model_prompt_sampling_and_input():
-    from babelsynth.backends.chat_http import request_key
+    from babelsynth.backends.chat import request_key
 
     base = ChatRequest([{"role": "user", "content": "q"}], 8, 0.7, 1.0, seed=3)
     k = request_key("m", base)
@@ -492,7 +469,9 @@ def test_cache_keys_cover_model_prompt_sampling_and_input():
 def test_cache_round_trip_makes_no_request(tmp_path):
     """A cached answer is returned without any network use (the URL here does not even resolve)."""
     cache = Cache(tmp_path / "c.sqlite")
-    client = ChatClient(OpenAIHTTPBackend(base_url="http://127.0.0.1:9/v1", model="m", max_retries=0), cache)
+    client = OpenAIHTTPClient(
+        OpenAIHTTPBackend(base_url="http://127.0.0.1:9/v1", model="m", max_retries=0), cache
+    )
     req = ChatRequest([{"role": "user", "content": "q"}], 8, seed=1)
     cache.put(
         client.key(req),

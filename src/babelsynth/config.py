@@ -43,16 +43,24 @@ class OpenAIHTTPBackend(_Base):
     base_url: str
     model: str
     api_key_env: str | None = Field(None, description="env var holding the API key; never logged")
-    api_key_conn_id: str | None = Field(
-        None,
-        description="Airflow connection whose password is the API key (AIRFLOW_CONN_<ID> or the running "
-        "task's Airflow); used when api_key_env is unset or empty; never logged",
-    )
     max_concurrency: int = Field(16, ge=1, le=1024)
     timeout_s: float = Field(120.0, gt=0)
     max_retries: int = Field(4, ge=0, le=20)
     backoff_s: float = Field(0.5, ge=0)
     image_max_side: int = Field(1024, ge=16)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_connection_ids(cls, data: Any) -> Any:
+        """The library reads no orchestrator's connections: it gets a URL and the name of a key variable."""
+        if isinstance(data, dict) and "api_key_conn_id" in data:
+            raise ValueError(
+                "api_key_conn_id is no longer supported: keep the endpoint and key in an Airflow "
+                "connection (babelsynth_teacher / babelsynth_llm), which the operators' "
+                "BabelsynthEndpointHook turns into base_url and api_key_env, or set api_key_env to the env "
+                "var holding the key"
+            )
+        return data
 
 
 class VLLMOfflineBackend(_Base):

@@ -1,17 +1,11 @@
-"""vLLM offline backend: an in-process `vllm.LLM` for GPU workers that own their GPU.
+"""vLLM offline backend: an in-process `vllm.LLM` for GPU workers that own their GPU; the fetch only.
 
 vLLM cannot be imported in the main venv (it needs numpy 2 and transformers 5; COMET needs the opposite), so
-the engine lives in a worker process started with the vLLM venv's python, running this very file as a script::
-
-    <vllm python> vllm_offline.py --spec '{"path": DIR, "max_model_len": 4096, ...}'
-
-It speaks JSON lines on its pipes. stdin: {"op": "chat", "requests": [<OpenAI chat bodies>]} or
-{"op": "tokenize", "texts": [...]}; stdout: one {"i": n, "result": {...}} (or {"i": n, "error": "..."}) per
-request as each engine call of `batch_size` requests finishes, then {"done": true}. Requests are the same
-bodies the HTTP client posts (multimodal messages with image data URLs, seed, structured outputs) and go
-through the same cache keys, so a request answered by either backend is never asked again.
-
-The top of this file imports only the standard library: the worker side runs without babelsynth installed.
+the engine runs in a child process of the vLLM venv's python (backends/vllm_worker.py, JSON lines on its
+pipes), one per engine spec, shared by every client of that spec in this process. Requests are the same
+OpenAI bodies the HTTP backend posts (multimodal messages with image data URLs, seed, structured outputs)
+under the same cache keys (the base client's, backends/chat.py), so a request answered by either backend
+is never asked again. Answers arrive per engine call of `batch_size` requests and are cached at once.
 """
 
 from __future__ import annotations
@@ -23,107 +17,16 @@ import os
 import queue
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from babelsynth.backends.chat_http import ChatRequest, ChatResult
-    from babelsynth.cache import Cache
-    from babelsynth.config import VLLMOfflineBackend
+from babelsynth.backends.chat import BackendError, CachedChatClient, ChatRequest, ChatResult, Deliver
+from babelsynth.config import VLLMOfflineBackend
 
-_HERE = Path(__file__).resolve()
-_SAMPLING_FIELDS = ("model", "messages", "max_tokens", "temperature", "top_p", "seed", "structured_outputs")
+_WORKER = Path(__file__).resolve().with_name("vllm_worker.py")
 
 
-# ====================================================================== worker side (runs in the vLLM venv)
-def _sampling(body: dict):
-    from vllm import SamplingParams
-    from vllm.sampling_params import StructuredOutputsParams
-
-    unknown = sorted(set(body) - set(_SAMPLING_FIELDS))
-    if unknown:
-        raise ValueError(f"request fields not supported by the vllm_offline backend: {unknown}")
-    so = body.get("structured_outputs")
-    return SamplingParams(
-        max_tokens=body["max_tokens"],
-        temperature=body.get("temperature", 1.0),
-        top_p=body.get("top_p", 1.0),
-        seed=body.get("seed"),
-        structured_outputs=StructuredOutputsParams(**so) if so else None,
-    )
-
-
-def _result(out) -> dict:
-    c = out.outputs[0]
-    return {
-        "text": c.text,
-        "finish_reason": c.finish_reason,
-        "prompt_tokens": len(out.prompt_token_ids or []),
-        "completion_tokens": len(c.token_ids),
-    }
-
-
-def _chat(llm, bodies: list[dict]) -> list[dict]:
-    """One engine call over many conversations; when it fails, retry one by one so only bad requests fail."""
-    try:
-        outs = llm.chat([b["messages"] for b in bodies], [_sampling(b) for b in bodies], use_tqdm=False)
-        return [{"result": _result(o)} for o in outs]
-    except Exception as e:  # noqa: BLE001 - a per-request refusal becomes that row's outcome
-        if len(bodies) == 1:
-            return [{"error": f"{type(e).__name__}: {str(e)[:300]}"}]
-    return [_chat(llm, [b])[0] for b in bodies]
-
-
-def serve(spec: dict) -> None:
-    """Worker loop: load the engine once, answer JSON-line requests until stdin closes."""
-    out = os.fdopen(
-        os.dup(1), "w", buffering=1
-    )  # private stdout for the protocol; vLLM's prints go to stderr
-    os.dup2(2, 1)
-
-    def emit(obj: dict) -> None:
-        out.write(json.dumps(obj, ensure_ascii=False) + "\n")
-        out.flush()
-
-    import torch
-
-    cpu = not torch.cuda.is_available()
-    args = {
-        "model": spec["path"],
-        "max_model_len": spec["max_model_len"],
-        "dtype": spec["dtype"],
-        "limit_mm_per_prompt": spec["limit_mm_per_prompt"],
-        "seed": 0,
-    }
-    if spec.get("kv_cache_memory_bytes"):
-        args["kv_cache_memory_bytes"] = spec["kv_cache_memory_bytes"]
-    if cpu:  # CPU vLLM: a seeded request hit by a partial prefill kills the engine (see vllm_server.py)
-        args["enable_chunked_prefill"] = False
-    args.update(spec.get("engine_args") or {})
-    from vllm import LLM
-
-    llm = LLM(**args)
-    emit({"ready": True})
-    batch = int(spec.get("batch_size", 256))
-    for line in sys.stdin:
-        msg = json.loads(line)
-        if msg["op"] == "chat":
-            bodies = msg["requests"]
-            for start in range(0, len(bodies), batch):
-                for j, r in enumerate(_chat(llm, bodies[start : start + batch])):
-                    emit({"i": start + j, **r})
-        elif msg["op"] == "tokenize":
-            tok = llm.get_tokenizer()
-            emit({"counts": [len(tok.encode(t, add_special_tokens=False)) for t in msg["texts"]]})
-        else:
-            emit({"error": f"unknown op {msg['op']!r}"})
-        emit({"done": True})
-
-
-# ====================================================================== client side (runs in the main venv)
 class _Worker:
     """One engine process (shared by every client of the same spec in this process)."""
 
@@ -154,8 +57,6 @@ class _Worker:
         return env
 
     def start(self) -> None:
-        from babelsynth.backends.chat_http import BackendError
-
         if not Path(self.python).exists():
             raise BackendError(
                 f"vLLM python not found: {self.python} (set BABELSYNTH_VLLM_PYTHON or run `make setup`)"
@@ -163,7 +64,7 @@ class _Worker:
         self._lines = queue.Queue()  # fresh: a dead worker's end-of-stream marker must not leak into this one
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [self.python, str(_HERE), "--spec", json.dumps(self.spec)],
+            [self.python, str(_WORKER), "--spec", json.dumps(self.spec)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=log,
@@ -184,8 +85,6 @@ class _Worker:
         self._lines.put(None)
 
     def _next(self, timeout: float | None = None) -> dict:
-        from babelsynth.backends.chat_http import BackendError
-
         try:
             line = self._lines.get(timeout=timeout)
         except queue.Empty:
@@ -270,84 +169,23 @@ def close_all() -> None:
     _WORKERS.clear()
 
 
-class VLLMOfflineClient:
-    """Same interface as ChatClient (chat_many, count_tokens, ...), engine in a vLLM-venv worker."""
+class VLLMOfflineClient(CachedChatClient):
+    """Chat and token counts from the engine worker of this config's spec."""
 
-    def __init__(self, cfg: VLLMOfflineBackend, cache: Cache | None = None):
-        self.cfg = cfg
-        self.cache = cache
-        self.sent = 0  # requests handed to the engine
-        self.completed = 0
-        self.tokenize_sent = 0
+    cfg: VLLMOfflineBackend
 
     def __repr__(self) -> str:
         return f"VLLMOfflineClient(path={self.cfg.path!r}, model={self.cfg.model!r})"
 
-    @property
-    def model_id(self) -> str:
-        return self.cfg.model
-
-    def key(self, req: ChatRequest) -> str:
-        from babelsynth.backends.chat_http import request_key
-
-        return request_key(self.cfg.model, req)
-
-    def chat_many(self, requests: list[ChatRequest]) -> list[ChatResult]:
-        from babelsynth.backends.chat_http import ChatResult
-
-        keys = [self.key(r) for r in requests]
-        hits = self.cache.get_many(keys) if self.cache else {}
-        out: list[ChatResult | None] = [
-            ChatResult(**hits[k], cached=True) if k in hits else None for k in keys
-        ]
-        todo = [i for i, r in enumerate(out) if r is None]
-        # the same request twice in one call (identical body) is computed once
-        uniq = list(dict.fromkeys(keys[i] for i in todo))
-        body_of = {keys[i]: requests[i].payload(self.cfg.model) for i in todo}
-        fresh: dict[str, ChatResult] = {}
-
+    def _fetch(self, requests: list[ChatRequest], deliver: Deliver) -> None:
         def on_item(m: dict) -> None:
-            k = uniq[m["i"]]
             res = ChatResult(**m["result"]) if "result" in m else ChatResult("", None, 0, 0, error=m["error"])
-            if self.cache and res.error is None:
-                self.cache.put(k, res.record())
-            self.completed += 1
-            fresh[k] = res
+            deliver(m["i"], res)
 
-        if uniq:
-            self.sent += len(uniq)
-            _worker_for(self.cfg).call({"op": "chat", "requests": [body_of[k] for k in uniq]}, on_item)
-        for i in todo:
-            out[i] = fresh[keys[i]]
-        return out  # type: ignore[return-value]
+        self.sent += len(requests)
+        bodies = [r.payload(self.cfg.model) for r in requests]
+        _worker_for(self.cfg).call({"op": "chat", "requests": bodies}, on_item)
 
-    def count_tokens(self, texts: list[str]) -> list[int | None]:
-        from babelsynth.backends.chat_http import tokenize_key
-
-        keys = [tokenize_key(self.cfg.model, t) for t in texts]
-        hits = self.cache.get_many(keys) if self.cache else {}
-        todo = list(dict.fromkeys(k for k in keys if k not in hits))
-        if todo:
-            text_of = dict(zip(keys, texts))
-            self.tokenize_sent += len(todo)
-            counts = _worker_for(self.cfg).call({"op": "tokenize", "texts": [text_of[k] for k in todo]})[
-                "counts"
-            ]
-            new = {k: {"n": n} for k, n in zip(todo, counts)}
-            if self.cache:
-                self.cache.put_many(new)
-            hits.update(new)
-        return [hits[k]["n"] for k in keys]
-
-
-def main() -> None:
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE.parent]  # never shadow vllm
-    import argparse
-
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--spec", required=True, help="engine spec as JSON")
-    serve(json.loads(ap.parse_args().spec))
-
-
-if __name__ == "__main__":
-    main()
+    def _fetch_token_counts(self, texts: list[str]) -> list[int | None]:
+        self.tokenize_sent += len(texts)
+        return _worker_for(self.cfg).call({"op": "tokenize", "texts": texts})["counts"]

@@ -21,7 +21,7 @@ def judge(ctx: Context, rows: list[dict]) -> StageResult:
     Turn 1 asks for a brief explanation; turn 2 asks for the decision, constrained by structured output
     to exactly YES or NO, so the verdict always parses. Drop reason: judge_rejected (explanation kept).
     Stats: requests_sent and by_task (judged, stage2_no, stage2_dropped and their rates)."""
-    from babelsynth.backends.chat_http import ChatRequest
+    from babelsynth.backends.chat import ChatRequest
 
     jc = ctx.cfg.judge
     if not jc.enabled:

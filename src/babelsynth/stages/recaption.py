@@ -54,7 +54,7 @@ def recaption(ctx: Context, rows: list[dict]) -> StageResult:
 
 
 def _recaption(ctx: Context, rows: list[dict], teacher, gt_tokens: Future) -> StageResult:
-    from babelsynth.backends.chat_http import ChatRequest, image_data_url, user_with_image_urls
+    from babelsynth.backends.chat import ChatRequest, image_data_url, user_with_image_urls
 
     rc = ctx.cfg.recaption
     images = _images(ctx)

@@ -95,7 +95,7 @@ def rephrase(ctx: Context, rows: list[dict]) -> StageResult:
     """LLM post-edit of each draft given the English original; an unusable answer keeps the draft.
 
     Identical (language, source, draft) parts are asked once (their seed depends only on that content)."""
-    from babelsynth.backends.chat_http import ChatRequest
+    from babelsynth.backends.chat import ChatRequest
 
     rc = ctx.cfg.rephrase
     todo = [i for i, r in enumerate(rows) if r["lang"] != SOURCE_LANG]
