@@ -119,7 +119,7 @@ def main() -> None:
 
     import lexicalrichness  # noqa: F401 - a one-off import (matplotlib, scipy: seconds), excluded like model loading
 
-    from babelsynth.backends.vllm_offline import VLLMOfflineClient, _worker_for
+    from babelsynth.backends.vllm_offline import VLLMOfflineClient, worker_for
 
     class Recording(OpenAIHTTPClient):
         """The stage's own HTTP client, recording the request bodies and the time spent in chat requests."""
@@ -191,7 +191,7 @@ def main() -> None:
                 "image_max_side": 224,
             },
         )
-        _worker_for(cfg_off.models.teacher).call({"op": "tokenize", "texts": ["warm"]})  # engine loaded
+        worker_for(cfg_off.models.teacher).call({"op": "tokenize", "texts": ["warm"]})  # engine loaded
         import httpx
 
         httpx.post(
@@ -236,7 +236,7 @@ def main() -> None:
                         total += t.user + t.system
             return total
 
-        worker = _worker_for(cfg_off.models.teacher)
+        worker = worker_for(cfg_off.models.teacher)
         pids = {
             "server": [os.getpid(), srv.pid],
             "raw": [raw.pid],

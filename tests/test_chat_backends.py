@@ -15,10 +15,10 @@ from babelsynth.backends.chat import (
     CachedChatClient,
     ChatRequest,
     ChatResult,
-    make_chat_client,
     request_key,
 )
 from babelsynth.backends.chat_http import OpenAIHTTPClient
+from babelsynth.backends.registry import make_chat_client
 from babelsynth.cache import Cache
 from babelsynth.config import OpenAIHTTPBackend, VLLMOfflineBackend
 
@@ -148,7 +148,7 @@ class StubWorker:
 
 def test_both_backends_share_keys_so_an_offline_answer_is_never_asked_of_the_server(tmp_path, monkeypatch):
     worker = StubWorker()
-    monkeypatch.setattr(vllm_offline, "_worker_for", lambda cfg: worker)
+    monkeypatch.setattr(vllm_offline, "worker_for", lambda cfg: worker)
     cache = Cache(tmp_path / "c.sqlite")
     off = vllm_offline.VLLMOfflineClient(VLLMOfflineBackend(model="tiny", path="/models/x"), cache)
     reqs = [_req("a"), _req("too long"), _req("a")]

@@ -46,7 +46,7 @@ def test_hook_turns_the_connection_into_a_url_and_an_env_var_name(teacher_conn):
 
 
 def test_the_task_config_names_the_variable_and_the_client_sends_the_key(teacher_conn):
-    from babelsynth.backends.chat import make_chat_client
+    from babelsynth.backends.registry import make_chat_client
     from operators.params import load
 
     cfg = load({})

@@ -440,7 +440,7 @@ def test_offline_backend_runs_recaption_and_judge_in_the_vllm_venv(models, teach
         assert jud["in"] == jud["out"] + jud["rejected"] == 20 and jud["by_task"]["all"]["judged"] == 20
         rows = runner.layout(cfg, "offline-1").read_stage_result("recaption", 0)["rows"]
         assert all(r["teacher_model"] == "tiny-aya-vision" and r["answer_en"] for r in rows)
-        workers = list(vllm_offline._WORKERS.values())
+        workers = vllm_offline.running_workers()
         assert len(workers) == 2 and all(w.proc.poll() is None for w in workers)
         assert all(Path(w.python).parts[-3] == ".venv-vllm" for w in workers)
         # rerun: all answers cached, the engines get no request

@@ -176,16 +176,3 @@ class CachedChatClient(ABC):
     @abstractmethod
     def _fetch_token_counts(self, texts: list[str]) -> list[int | None]:
         """One count per text, None where the backend cannot count it."""
-
-
-def make_chat_client(cfg: Any, cache: Cache | None = None) -> CachedChatClient:
-    """The client for a backend config, chosen by its explicit `kind`; a backend's module loads on use."""
-    if cfg.kind == "openai_http":
-        from babelsynth.backends.chat_http import OpenAIHTTPClient
-
-        return OpenAIHTTPClient(cfg, cache)
-    if cfg.kind == "vllm_offline":
-        from babelsynth.backends.vllm_offline import VLLMOfflineClient
-
-        return VLLMOfflineClient(cfg, cache)
-    raise ValueError(f"unknown chat backend kind {cfg.kind!r}")

@@ -140,7 +140,7 @@ _WORKERS: dict[str, _Worker] = {}
 _WLOCK = threading.Lock()
 
 
-def _worker_for(cfg: VLLMOfflineBackend) -> _Worker:
+def worker_for(cfg: VLLMOfflineBackend) -> _Worker:
     from babelsynth.vllm_server import default_vllm_python
 
     spec = {
@@ -161,6 +161,11 @@ def _worker_for(cfg: VLLMOfflineBackend) -> _Worker:
 
 
 @atexit.register
+def running_workers() -> list[_Worker]:
+    """The engine processes this process started (one per distinct model spec)."""
+    return list(_WORKERS.values())
+
+
 def close_all() -> None:
     """Stop every engine worker of this process (they also exit when this process's pipes close)."""
     for w in list(_WORKERS.values()):
@@ -184,8 +189,8 @@ class VLLMOfflineClient(CachedChatClient):
 
         self.sent += len(requests)
         bodies = [r.payload(self.cfg.model) for r in requests]
-        _worker_for(self.cfg).call({"op": "chat", "requests": bodies}, on_item)
+        worker_for(self.cfg).call({"op": "chat", "requests": bodies}, on_item)
 
     def _fetch_token_counts(self, texts: list[str]) -> list[int | None]:
         self.tokenize_sent += len(texts)
-        return _worker_for(self.cfg).call({"op": "tokenize", "texts": texts})["counts"]
+        return worker_for(self.cfg).call({"op": "tokenize", "texts": texts})["counts"]

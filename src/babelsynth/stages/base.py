@@ -70,7 +70,7 @@ class Context:
         return self.backends[name]
 
     def chat(self, role: str):
-        from babelsynth.backends.chat import make_chat_client  # by the backend's `kind`
+        from babelsynth.backends.registry import make_chat_client  # by the backend's `kind`
 
         return self._get(role, lambda: make_chat_client(getattr(self.cfg.models, role), self.cache))
 
