@@ -32,7 +32,7 @@ $(STAMP_VLLM): requirements/vllm.lock.txt scripts/patch_torchvision.py
 	touch $@
 
 models: $(STAMP_MAIN)
-	$(VENV)/bin/babelsynth models build
+	$(VENV)/bin/python -m tinymodels build --root .work/models
 
 demo: setup
 	$(VENV)/bin/python scripts/demo.py

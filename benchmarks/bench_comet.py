@@ -20,13 +20,15 @@ import argparse
 import json
 import os
 import random
+import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
-CORPUS = ROOT / "src" / "babelsynth" / "models" / "corpus"
+sys.path.insert(0, str(ROOT))  # tinymodels lives at the repo root, outside the wheel
+CORPUS = ROOT / "tinymodels" / "corpus"
 LANGS = ("fra_Latn", "deu_Latn", "hin_Deva", "jpn_Jpan", "zho_Hans", "rus_Cyrl")
 
 
@@ -72,7 +74,7 @@ def main() -> None:
     torch.set_num_threads(1)
     from babelsynth.backends.comet_qe import CometScorer
     from babelsynth.config import CometBackend
-    from babelsynth.models.build import build_all
+    from tinymodels.build import build_all
 
     ckpt = build_all(ROOT / ".work" / "test" / "models")["comet"]
     scorer = CometScorer(CometBackend(path=ckpt, batch_size=args.batch, gpus=0))

@@ -25,10 +25,14 @@ import contextlib
 import json
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import ClassVar
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # tinymodels lives at the repo root, outside the wheel
 
 RAW_OFFLINE = r"""
 import json, sys, time
@@ -74,11 +78,11 @@ def main() -> None:
     from babelsynth.backends.vllm_offline import close_all
     from babelsynth.cache import Cache
     from babelsynth.config import load_config
-    from babelsynth.models.build import build_all
     from babelsynth.sample_data import write_samples
     from babelsynth.stages import Context
     from babelsynth.stages.recaption import recaption
     from babelsynth.vllm_server import VLLMServer, default_vllm_python
+    from tinymodels.build import build_all
 
     models = build_all(Path(args.models))
     work = Path(tempfile.mkdtemp(prefix="bench_teacher_"))

@@ -25,6 +25,7 @@ import os
 import platform
 import random
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -32,6 +33,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # tinymodels lives at the repo root, outside the wheel
 BENCH = ROOT / ".work" / "bench"
 TARGETS = ("fra_Latn", "deu_Latn", "hin_Deva", "zho_Hans")
 BIG = {
@@ -68,7 +70,7 @@ def _convert(hf: Path, ct2: Path) -> None:
 
 
 def tiny_model() -> tuple[Path, Path]:
-    from babelsynth.models.build import build_all
+    from tinymodels.build import build_all
 
     hf = Path(build_all(BENCH / "models")["nllb_ct2"]).parent / "hf"
     ct2 = BENCH / "tiny-ct2-f32"
@@ -86,7 +88,7 @@ def big_model() -> tuple[Path, Path]:
     import torch
     from transformers import M2M100Config, M2M100ForConditionalGeneration
 
-    from babelsynth.models.build import NLLB_CONFIG
+    from tinymodels.nllb import NLLB_CONFIG
 
     tiny_hf, _ = tiny_model()
     t0 = time.perf_counter()
@@ -108,7 +110,7 @@ def big_model() -> tuple[Path, Path]:
 
 def sentences(n: int, seed: int = 0) -> list[str]:
     """Distinct English sentences of 8-20 words (dedup gives the stage no edge over the raw engine)."""
-    from babelsynth.models.build import corpus_lines
+    from tinymodels.corpus import corpus_lines
 
     vocab = sorted(
         {w.strip(".?,!").lower() for s in corpus_lines(("eng_Latn",))["eng_Latn"] for w in s.split()}

@@ -44,9 +44,9 @@ def step(name: str, times: dict):
 
 
 def main() -> int:
-    from babelsynth.models.build import build_all
     from babelsynth.sample_data import write_samples
     from babelsynth.vllm_server import VLLMServer
+    from tinymodels.build import build_all
 
     times: dict[str, float] = {}
     t_all = time.perf_counter()

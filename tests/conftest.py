@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 @pytest.fixture(scope="session")
 def models() -> dict[str, str]:
-    """Every tiny model, built from configs with fixed seeds; rebuilt only when a builder changes."""
-    from babelsynth.models.build import build_all
+    """Every tiny model, built from configs with fixed seeds; each rebuilt only when its builder changes."""
+    from tinymodels.build import build_all
 
     return build_all(WORK / "models")
 

@@ -15,6 +15,7 @@ from babelsynth import metrics
 from babelsynth.config import load_config
 from babelsynth.languages import AYA_TARGETS, SOURCE_LANG
 from babelsynth.stages.score import apply_gates, comet_thresholds, gate_results, quantile
+from tinymodels.corpus import CORPUS_DIR as CORPUS
 
 # One more hand-written sentence per language: "The train to the city leaves every hour from platform two."
 TRAIN = {
@@ -78,9 +79,6 @@ WRONG_SCRIPT = {
     "jpn_Jpan": "Machi e iku densha wa maiji nibansen kara shuppatsu shimasu.",
     "ell_Grek": "To treno gia tin poli anachorei kathe ora apo tin apovathra dyo.",
 }
-
-
-CORPUS = Path(metrics.__file__).parent / "models" / "corpus"
 
 
 def _corpus(lang: str) -> list[str]:

@@ -1,4 +1,5 @@
-"""Tiny offline models (babelsynth.models.build) and the vLLM server wrapper (babelsynth.vllm_server)."""
+"""Tiny offline models (tinymodels: builders + per-builder cache) and the vLLM server wrapper
+(babelsynth.vllm_server)."""
 
 from __future__ import annotations
 
@@ -7,15 +8,22 @@ import hashlib
 import io
 import json
 import os
+import shutil
+import subprocess
 import sys
 import unicodedata
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 from babelsynth.languages import AYA_TARGETS, SOURCE_LANG
-from babelsynth.models import build as B
+from babelsynth.train.weights import VLM_LAYOUT
 from babelsynth.vllm_server import VLLMServer, VLLMServerError, default_vllm_python
+from tinymodels import aya, nllb
+from tinymodels import build as B
+from tinymodels import comet as tiny_comet
+from tinymodels.corpus import CORPUS_CODES, corpus_lines
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -49,9 +57,9 @@ _SCRIPT = {
 }
 
 
-@pytest.mark.parametrize("code", B.CORPUS_CODES)
+@pytest.mark.parametrize("code", CORPUS_CODES)
 def test_corpus_file_is_in_its_script(code: str) -> None:
-    lines = B.corpus_lines([code])[code]
+    lines = corpus_lines([code])[code]
     assert len(lines) >= 10 and len(set(lines)) == len(lines)
     expected = _SCRIPT[code.split("_")[1]]
     for line in lines:
@@ -60,11 +68,11 @@ def test_corpus_file_is_in_its_script(code: str) -> None:
 
 
 def test_corpus_traditional_differs_from_simplified() -> None:
-    c = B.corpus_lines(["zho_Hans", "zho_Hant"])
+    c = corpus_lines(["zho_Hans", "zho_Hant"])
     for hans, hant in zip(c["zho_Hans"], c["zho_Hant"], strict=True):
         assert hans != hant
     assert "們" in "".join(c["zho_Hant"]) and "们" not in "".join(c["zho_Hant"])
-    assert "pes_Arab" in B.CORPUS_CODES and "\u064a" not in "".join(B.corpus_lines(["pes_Arab"])["pes_Arab"])
+    assert "pes_Arab" in CORPUS_CODES and "\u064a" not in "".join(corpus_lines(["pes_Arab"])["pes_Arab"])
 
 
 # ------------------------------------------------------------------------------------------------------ NLLB
@@ -80,7 +88,7 @@ def test_ct2_translates_into_all_targets_without_torch(models: dict[str, str]) -
         assert (ct2 / f).exists(), f
     sp = spm.SentencePieceProcessor(model_file=str(ct2 / "sentencepiece.bpe.model"))
     tr = ctranslate2.Translator(str(ct2), device="cpu", compute_type="int8", inter_threads=1, intra_threads=1)
-    texts = B.corpus_lines([SOURCE_LANG])[SOURCE_LANG][:2]
+    texts = corpus_lines([SOURCE_LANG])[SOURCE_LANG][:2]
     src = [[SOURCE_LANG] + sp.encode(t, out_type=str) + ["</s>"] for t in texts]
     batch = [s for s in src for _ in AYA_TARGETS]
     prefix = [[c] for _ in src for c in AYA_TARGETS]
@@ -132,6 +140,58 @@ def test_build_cache_skips_then_rebuilds_on_stamp_change(models: dict[str, str],
     assert not list(models_root.glob(".*.tmp-*")) and not list(models_root.glob(".*.old-*"))
 
 
+@pytest.mark.parametrize("builder", B.BUILDERS, ids=lambda b: b.name)
+def test_builder_digest_covers_the_code_it_uses(builder: B.Builder) -> None:
+    """Every in-repo module a builder's modules use is itself part of that builder's digest."""
+    declared = {m.__name__ for m in builder.modules}
+    used = set()
+    for m in builder.modules:
+        for v in vars(m).values():
+            name = v.__name__ if isinstance(v, ModuleType) else getattr(v, "__module__", None)
+            if isinstance(name, str) and name.split(".")[0] in ("tinymodels", "babelsynth"):
+                used.add(name)
+    assert used <= declared
+    assert builder.modules[0].__name__ == f"tinymodels.{builder.name.split('_')[0]}"
+
+
+def test_editing_one_builder_rebuilds_only_that_model(
+    models: dict[str, str], models_root: Path, tmp_path: Path
+) -> None:
+    """A copy of tinymodels with a changed COMET builder rebuilds COMET under the same root and reuses
+    NLLB and Aya; back on the real source, COMET alone is rebuilt again."""
+    copy = tmp_path / "tinymodels"
+    shutil.copytree(Path(B.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    with open(copy / "comet.py", "a", encoding="utf-8") as f:
+        f.write("\n# an edit to the COMET builder\n")
+    stamps = {n: (models_root / n / B.STAMP_FILE) for n in ("nllb", "aya_vision", "comet")}
+    before = {n: (p.stat().st_mtime_ns, B.read_stamp(p.parent)["hash"]) for n, p in stamps.items()}
+    src = Path(__import__("babelsynth").__file__).parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(src)]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "tinymodels", "build", "--root", str(models_root)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout) == models
+    after = {n: (p.stat().st_mtime_ns, B.read_stamp(p.parent)["hash"]) for n, p in stamps.items()}
+    assert after["nllb"] == before["nllb"] and after["aya_vision"] == before["aya_vision"]
+    assert after["comet"][1] != before["comet"][1]
+    assert B.read_stamp(models_root / "comet")["spec"]["sources"]["tinymodels.comet"] != B.source_digest(
+        tiny_comet
+    )
+
+    counts = dict(B.BUILD_COUNTER)
+    assert B.build_all(models_root) == models
+    assert B.BUILD_COUNTER["comet"] == counts.get("comet", 0) + 1
+    assert B.BUILD_COUNTER["nllb"] == counts.get("nllb", 0)
+    assert B.BUILD_COUNTER["aya_vision"] == counts.get("aya_vision", 0)
+    assert B.read_stamp(models_root / "comet")["hash"] == before["comet"][1]
+
+
 def test_crashed_build_leaves_no_valid_looking_model(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, models_root: Path, models: dict[str, str]
 ) -> None:
@@ -140,7 +200,7 @@ def test_crashed_build_leaves_no_valid_looking_model(
         (Path(out_dir) / "ct2" / "model.bin").write_bytes(b"half")
         raise RuntimeError("simulated crash")
 
-    monkeypatch.setattr(B, "build_nllb", boom)
+    monkeypatch.setattr(nllb, "build_nllb", boom)
     with pytest.raises(RuntimeError, match="simulated crash"):
         B.build_all(tmp_path)
     assert not (tmp_path / "nllb").exists()
@@ -173,7 +233,7 @@ def test_cometkiwi_loads_offline_and_scores(models: dict[str, str]) -> None:
     for name in ("pytorch_lightning", "lightning.pytorch"):
         logging.getLogger(name).setLevel(logging.ERROR)
     model = comet.load_from_checkpoint(str(ckpt))
-    c = B.corpus_lines([SOURCE_LANG, "deu_Latn"])
+    c = corpus_lines([SOURCE_LANG, "deu_Latn"])
     data = [{"src": c[SOURCE_LANG][i], "mt": c["deu_Latn"][i]} for i in range(2)]
     out = model.predict(data, batch_size=8, gpus=0, progress_bar=False)
     assert len(out.scores) == 2 and all(0.0 <= s <= 1.0 for s in out.scores)
@@ -197,7 +257,7 @@ def test_vlm_generates_from_image_in_transformers(models: dict[str, str]) -> Non
     ]
     prompt = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
     assert prompt.count("<image>") == 1 and prompt.endswith("<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>")
-    inputs = proc(images=[B.sample_image()], text=[prompt], return_tensors="pt")
+    inputs = proc(images=[aya.sample_image()], text=[prompt], return_tensors="pt")
     assert int((inputs["input_ids"] == model.config.image_token_index).sum()) == 4
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
@@ -217,9 +277,9 @@ def test_text_llm_weights_equal_vlm_language_model(models: dict[str, str]) -> No
     llm = AutoModelForCausalLM.from_pretrained(models["llm"])
     assert type(llm).__name__ == "Cohere2ForCausalLM"
     vsd, lsd = vlm.state_dict(), llm.state_dict()
-    assert set(lsd) == {B.vlm_to_llm_name(k) for k in vsd if B.vlm_to_llm_name(k) is not None}
+    assert set(lsd) == {VLM_LAYOUT.text_name(k) for k in vsd if VLM_LAYOUT.text_name(k) is not None}
     for k, v in lsd.items():
-        assert torch.equal(v, vsd[B.llm_to_vlm_name(k)]), k
+        assert torch.equal(v, vsd[VLM_LAYOUT.vlm_name(k)]), k
     # tied embeddings in both
     assert llm.lm_head.weight.data_ptr() == llm.model.embed_tokens.weight.data_ptr()
     assert vlm.lm_head.weight.data_ptr() == vlm.model.language_model.embed_tokens.weight.data_ptr()
@@ -233,7 +293,7 @@ def test_aya_tokenizer_is_multilingual_bpe(models: dict[str, str]) -> None:
 
     tok = AutoTokenizer.from_pretrained(models["llm"])
     assert 300 <= len(tok) <= 2000
-    for code, lines in B.corpus_lines().items():
+    for code, lines in corpus_lines().items():
         ids = tok(lines[0], add_special_tokens=False).input_ids
         assert tok.unk_token_id not in ids, code
         assert tok.decode(ids) == lines[0], code
@@ -281,7 +341,7 @@ def _vllm_python() -> Path:
 
 def _png_data_url() -> str:
     buf = io.BytesIO()
-    B.sample_image().save(buf, format="PNG")
+    aya.sample_image().save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 

@@ -3,11 +3,10 @@ segments; selection of rephrase vs draft with the margin."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from babelsynth.stages.rephrase import parse_translation, structure_problem
+from tinymodels.corpus import CORPUS_DIR as CORPUS
 
 FENCE = "```"
 
@@ -94,7 +93,6 @@ def test_structure_check_keeps_protected_spans_and_lines_but_lets_unk_go():
 
 
 # ------------------------------------------------------------------------------------------------ COMET
-CORPUS = Path(__file__).resolve().parents[1] / "src" / "babelsynth" / "models" / "corpus"
 
 
 def _lines(lang: str) -> list[str]:

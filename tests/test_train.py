@@ -1,8 +1,7 @@
-"""Training recipe on tiny random models: stage freezing, resume, loss mask, streaming, merge, pipeline.
+"""Training recipe on tiny random models: phase freezing, resume, loss mask, streaming, merge, pipeline.
 
-Everything is built from configs in session fixtures (mergekit's tests/common.py pattern); nothing is
-downloaded. `build_tiny_aya` mirrors `babelsynth.models.build.build_aya_vision(out_dir) ->
-(vlm_dir, llm_dir)` and can be swapped for it once that exists.
+The models are the shared tiny Aya Vision VLM and its text LLM (tinymodels.aya, through the session
+`models` fixture); the run is a fake manifest + shards built here. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ pytest.importorskip("transformers")
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from babelsynth.train.config import MixtureConfig, StageConfig, TrainConfig  # noqa: E402
+from babelsynth.train.config import MixtureConfig, PhaseConfig, Phases, TrainConfig  # noqa: E402
 from babelsynth.train.data import (  # noqa: E402
     IGNORE_INDEX,
     BatchStream,
@@ -41,143 +40,24 @@ from babelsynth.train.data import (  # noqa: E402
     row_encoder,
 )
 from babelsynth.train.merge import lerp, merge_llm, sweep  # noqa: E402
-from babelsynth.train.sft import load_vlm, part_of, run_stage  # noqa: E402
+from babelsynth.train.sft import load_vlm, part_of, run_phase  # noqa: E402
+from babelsynth.train.weights import (  # noqa: E402
+    LEGACY_VLM_LAYOUT,
+    VLM_LAYOUT,
+    Layout,
+    detect_vlm_layout,
+    is_text_only,
+)
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
-# ------------------------------------------------------------------------------------------- tiny models
-SPECIALS = [
-    "<PAD>",
-    "<BOS_TOKEN>",
-    "<EOS_TOKEN>",
-    "<|START_OF_TURN_TOKEN|>",
-    "<|END_OF_TURN_TOKEN|>",
-    "<|USER_TOKEN|>",
-    "<|CHATBOT_TOKEN|>",
-    "<|SYSTEM_TOKEN|>",
-    "<|START_OF_IMG|>",
-    "<|END_OF_IMG|>",
-    "<|IMG_PATCH|>",
-    "<|IMG_LINE_BREAK|>",
-    "TILE",
-    "TILE_GLOBAL",
-    "<image>",
-]
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|START_OF_TURN_TOKEN|>"
-    "{% if m['role'] == 'user' %}<|USER_TOKEN|>{% elif m['role'] == 'assistant' %}<|CHATBOT_TOKEN|>"
-    "{% else %}<|SYSTEM_TOKEN|>{% endif %}"
-    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
-    "{% if c['type'] in ['image', 'image_url'] %}<image>"
-    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|END_OF_TURN_TOKEN|>{% endfor %}"
-    "{% if add_generation_prompt %}<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>{% endif %}"
-)
+# ------------------------------------------------------------------------------------------- run data
 LANG_TEXT = {
     "eng_Latn": ("What color is the picture?", "The picture is {c}."),
     "deu_Latn": ("Welche Farbe hat das Bild?", "Das Bild ist {c}."),
     "fra_Latn": ("Quelle est la couleur de l'image ?", "L'image est {c}."),
 }
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
-
-
-def _tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    corpus = [p + " " + a.format(c=c) for p, a in LANG_TEXT.values() for c in COLORS] * 20
-    tok.train_from_iterator(
-        corpus,
-        trainers.BpeTrainer(
-            vocab_size=400, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-        ),
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<BOS_TOKEN>",
-        eos_token="<|END_OF_TURN_TOKEN|>",
-        pad_token="<PAD>",
-        additional_special_tokens=SPECIALS[3:],
-        model_input_names=["input_ids", "attention_mask"],
-        chat_template=CHAT_TEMPLATE,
-    )
-
-
-def build_tiny_aya(out_dir: Path, seed: int = 0) -> tuple[Path, Path]:
-    """Tiny random AyaVision (SigLIP 56px/14, shuffle 2, SwiGLU connector, Cohere2 64/2 layers) and the
-    text-only Cohere2 it starts from (same LLM weights, same tokenizer)."""
-    from transformers import (
-        AyaVisionConfig,
-        AyaVisionForConditionalGeneration,
-        AyaVisionProcessor,
-        Cohere2Config,
-        Cohere2ForCausalLM,
-        GotOcr2ImageProcessor,
-        SiglipVisionConfig,
-    )
-
-    tok = _tokenizer()
-    image_processor = GotOcr2ImageProcessor(
-        size={"height": 56, "width": 56},
-        crop_to_patches=False,
-        max_patches=1,
-        image_mean=[0.5] * 3,
-        image_std=[0.5] * 3,
-    )
-    processor = AyaVisionProcessor(
-        image_processor=image_processor,
-        tokenizer=tok,
-        patch_size=14,
-        img_size=56,
-        downsample_factor=2,
-        chat_template=CHAT_TEMPLATE,
-    )
-    vision = SiglipVisionConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=56,
-        patch_size=14,
-        vision_use_head=False,
-    )
-    text = Cohere2Config(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=32,
-        sliding_window=256,
-        layer_types=["sliding_attention", "full_attention"],
-        logit_scale=1.0,
-        max_position_embeddings=1024,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    cfg = AyaVisionConfig(
-        vision_config=vision.to_dict(),
-        text_config=text.to_dict(),
-        downsample_factor=2,
-        alignment_intermediate_size=128,
-        image_token_index=tok.convert_tokens_to_ids("<|IMG_PATCH|>"),
-    )
-    torch.manual_seed(seed)
-    vlm = AyaVisionForConditionalGeneration(cfg)
-    llm = Cohere2ForCausalLM(text)
-    llm.model.load_state_dict(vlm.model.language_model.state_dict())
-    llm.tie_weights()
-    vlm_dir, llm_dir = out_dir / "vlm", out_dir / "llm"
-    vlm.save_pretrained(vlm_dir)
-    processor.save_pretrained(vlm_dir)
-    llm.save_pretrained(llm_dir)
-    tok.save_pretrained(llm_dir)
-    return vlm_dir, llm_dir
 
 
 def _png(rgb, size) -> bytes:
@@ -234,8 +114,10 @@ def build_fake_run(root: Path, rows_per_lang: int = 8) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    return build_tiny_aya(tmp_path_factory.mktemp("models"))
+def tiny(models) -> tuple[Path, Path]:
+    """(VLM dir, text LLM dir): the shared tiny Aya Vision and the Cohere2 it starts from (same LLM
+    weights, same tokenizer). Read-only: tests write only under their own tmp dirs."""
+    return Path(models["vlm"]), Path(models["llm"])
 
 
 @pytest.fixture(scope="session")
@@ -267,10 +149,12 @@ def perturbed_text(tiny, tmp_path_factory):
     return d
 
 
-def _cfg(**stage_kw) -> TrainConfig:
-    stage = dict(steps=2, warmup_steps=1, batch_size=2, max_seq_len=128, lr=1e-2)
-    stage.update(stage_kw)
-    return TrainConfig.smoke(alignment=StageConfig(**stage), sft=StageConfig(**stage), checkpoint_every=2)
+def _cfg(**phase_kw) -> TrainConfig:
+    phase = dict(steps=2, warmup_steps=1, batch_size=2, max_seq_len=128, lr=1e-2)
+    phase.update(phase_kw)
+    return TrainConfig.smoke(
+        phases=Phases(alignment=PhaseConfig(**phase), sft=PhaseConfig(**phase)), checkpoint_every=2
+    )
 
 
 def _state(model) -> dict[str, torch.Tensor]:
@@ -280,10 +164,10 @@ def _state(model) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------------------------------- config
 def test_config_forbids_unknown_keys_and_caps_warmup():
     with pytest.raises(Exception, match="extra"):
-        TrainConfig.model_validate({"alignment": {"steps": 1, "lr": 1e-4, "bogus": 1}})
-    s = StageConfig(steps=50, lr=1e-4)
+        TrainConfig.model_validate({"phases": {"alignment": {"steps": 1, "lr": 1e-4, "bogus": 1}}})
+    s = PhaseConfig(steps=50, lr=1e-4)
     assert s.effective_warmup == 50 and s.lr_factor(49) == pytest.approx(1.0)
-    s = StageConfig(steps=1000, lr=1e-4)
+    s = PhaseConfig(steps=1000, lr=1e-4)
     assert s.lr_factor(0) == pytest.approx(1 / 200) and s.lr_factor(199) == pytest.approx(1.0)
     assert s.lr_factor(999) == pytest.approx(0.1, abs=1e-4)  # cosine decays to 10% of peak
 
@@ -360,7 +244,7 @@ def test_loss_mask_covers_only_assistant_tokens(processor):
     assert (batch["labels"][1, len(ex) :] == IGNORE_INDEX).all()
 
 
-# ------------------------------------------------------------------------------------------- stages
+# ------------------------------------------------------------------------------------------- phases
 def _diff_parts(before, after) -> dict[str, bool]:
     changed = {"vision": False, "connector": False, "llm": False}
     for k, v in before.items():
@@ -372,16 +256,16 @@ def _diff_parts(before, after) -> dict[str, bool]:
 def test_alignment_trains_only_the_connector(tiny, run_root, processor, tmp_path):
     model = load_vlm(tiny[0])
     before = _state(model)
-    res = run_stage(model, "alignment", processor=processor, run_uri=run_root, cfg=_cfg(), out_dir=tmp_path)
+    res = run_phase(model, "alignment", processor=processor, run_uri=run_root, cfg=_cfg(), out_dir=tmp_path)
     assert res.completed and res.steps == 2 and all(x == x for x in res.losses)
     assert _diff_parts(before, _state(model)) == {"vision": False, "connector": True, "llm": False}
-    assert (tmp_path / "model.safetensors").exists() and (tmp_path / "stage_result.json").exists()
+    assert (tmp_path / "model.safetensors").exists() and (tmp_path / "phase_result.json").exists()
 
 
 def test_sft_trains_connector_and_llm_not_vision(tiny, run_root, processor, tmp_path):
     model = load_vlm(tiny[0])
     before = _state(model)
-    run_stage(model, "sft", processor=processor, run_uri=run_root, cfg=_cfg(packing=True), out_dir=tmp_path)
+    run_phase(model, "sft", processor=processor, run_uri=run_root, cfg=_cfg(packing=True), out_dir=tmp_path)
     assert _diff_parts(before, _state(model)) == {"vision": False, "connector": True, "llm": True}
 
 
@@ -389,7 +273,7 @@ def test_sft_trains_connector_and_llm_not_vision(tiny, run_root, processor, tmp_
 def uninterrupted(tiny, run_root, processor, tmp_path_factory):
     cfg = _cfg(steps=5, packing=True, max_seq_len=96, micro_batch_size=1, weight_decay=0.1)
     model = load_vlm(tiny[0])
-    res = run_stage(
+    res = run_phase(
         model,
         "sft",
         processor=processor,
@@ -406,13 +290,13 @@ def test_resume_after_checkpoint_is_bit_identical(
 ):
     cfg, full, ref = uninterrupted
     first = load_vlm(tiny[0])
-    part = run_stage(
+    part = run_phase(
         first, "sft", processor=processor, run_uri=run_root, cfg=cfg, out_dir=tmp_path, stop_after=stop_after
     )
     assert not part.completed and part.steps == stop_after
     del first
     second = load_vlm(tiny[0])  # a fresh process would start from the base weights again
-    rest = run_stage(second, "sft", processor=processor, run_uri=run_root, cfg=cfg, out_dir=tmp_path)
+    rest = run_phase(second, "sft", processor=processor, run_uri=run_root, cfg=cfg, out_dir=tmp_path)
     assert rest.resumed_from == 2 and rest.completed
     assert rest.losses == ref.losses[2:]
     a, b = full.state_dict(), second.state_dict()
@@ -431,6 +315,27 @@ def test_lerp_is_the_paper_formula():
     assert out.dtype == torch.bfloat16 and torch.equal(out, (0.4 * ab.float() + 0.6 * wb.float()).bfloat16())
     with pytest.raises(ValueError, match="shape"):
         lerp(a, w.T, 0.5)
+
+
+@pytest.mark.parametrize("layout, outer", [(LEGACY_VLM_LAYOUT, ""), (VLM_LAYOUT, "model.")])
+def test_weight_names_map_both_vlm_layouts(layout: Layout, outer: str):
+    """transformers 4.57 files (legacy) and state_dict() / transformers 5 names map to the same text names."""
+    body, text_body = layout.lm_prefix + "layers.0.mlp.up_proj.weight", "model.layers.0.mlp.up_proj.weight"
+    vision, projector = (
+        outer + "vision_tower.vision_model.post_layernorm.weight",
+        outer + "multi_modal_projector.w",
+    )
+    assert layout.text_name(body) == text_body and layout.vlm_name(text_body) == body
+    assert (
+        layout.text_name(layout.lm_head) == "lm_head.weight"
+        and layout.vlm_name("lm_head.weight") == layout.lm_head
+    )
+    assert layout.text_name(vision) is None and layout.text_name(projector) is None
+    keys = [vision, projector, body, layout.lm_head]
+    assert detect_vlm_layout(keys) == layout
+    assert not is_text_only(keys) and is_text_only([text_body, "lm_head.weight"])
+    with pytest.raises(KeyError, match="not a text-LLM parameter"):
+        layout.vlm_name("encoder.layers.0.weight")
 
 
 def _tensors(d: Path) -> dict[str, torch.Tensor]:
@@ -636,10 +541,10 @@ def test_train_and_merge_end_to_end(tiny, run_root, tmp_path):
     assert ev["text_base"]["mm_loss"] is None and ev["text_base"]["text_loss"] > 0
     assert ev["sft"]["n_mm"] > 0 and ev["merged"]["mm_loss"] > 0
     assert (out / "sft" / "eval.json").exists()
-    assert summary["stages"]["sft"]["steps"] == 2 and summary["merged"]["merged"]["alpha"] == 0.4
-    # re-running resumes every stage from its final checkpoint instead of training again
+    assert summary["phases"]["sft"]["steps"] == 2 and summary["merged"]["merged"]["alpha"] == 0.4
+    # re-running resumes every phase from its final checkpoint instead of training again
     again = train_and_merge(str(run_root), str(tiny[0]), str(tiny[1]), str(out), cfg)
-    assert again["stages"]["sft"]["resumed_from"] == 2
+    assert again["phases"]["sft"]["resumed_from"] == 2
     assert again["eval"]["merged"] == summary["eval"]["merged"]
 
 
@@ -686,6 +591,20 @@ def test_training_recipes_validate(name, monkeypatch):
 
     monkeypatch.setenv("BABELSYNTH_MODELS", "/m")
     r = load_recipe(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml")
-    assert r.train.merge.alpha == 0.4 and r.train.alignment.betas == (0.9, 0.95)
+    assert r.train.merge.alpha == 0.4 and r.train.phases.alignment.betas == (0.9, 0.95)
     if name == "train_aya_vision_32b":
-        assert (r.train.alignment.lr, r.train.sft.lr) == (1e-3, 5e-4)
+        assert (r.train.phases.alignment.lr, r.train.phases.sft.lr) == (1e-3, 5e-4)
+
+
+def test_recipe_with_phases_at_the_old_place_names_the_new_key(tmp_path):
+    from babelsynth.train.run import load_recipe
+
+    old = tmp_path / "old.yaml"
+    old.write_text(
+        "vlm_dir: /m/vlm\ntext_dir: /m/llm\ntrain:\n"
+        "  alignment: {steps: 4, lr: 1.0e-3}\n  sft: {steps: 4, lr: 1.0e-3, packing: true}\n"
+    )
+    with pytest.raises(ValueError, match=r"train\.alignment moved.*under `phases:`"):
+        load_recipe(old)
+    with pytest.raises(ValueError, match="unknown phase"):
+        TrainConfig().phase("stage1")

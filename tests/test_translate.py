@@ -279,7 +279,7 @@ def test_truncated_outputs_are_rejected_in_enforce_mode(models, tmp_path):
 
 def _long_answer(words: int = 5000) -> str:
     """~5,000 words of distinct sentences in paragraphs, list items and a table, plus a 700-word run-on."""
-    from babelsynth.models.build import corpus_lines
+    from tinymodels.corpus import corpus_lines
 
     vocab = sorted(
         {w.strip(".?,").lower() for s in corpus_lines((SOURCE_LANG,))[SOURCE_LANG] for w in s.split()}

@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 
 
 def _overrides(pairs: list[str]) -> dict:
@@ -32,10 +31,6 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="babelsynth", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
 
-    m = sub.add_parser("models", help="tiny random models for tests and the demo")
-    m.add_argument("action", choices=["build"])
-    m.add_argument("--root", default=".work/models")
-
     s = sub.add_parser("samples", help="write the PIL-drawn English sample input")
     s.add_argument("--out", required=True)
     s.add_argument("--per-task", type=int, default=12)
@@ -54,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--stage", required=True)
 
     t = sub.add_parser(
-        "train", help="SFT (alignment, then SFT) on a run's shards, then the cross-modal merge"
+        "train", help="training phases (alignment, then SFT) on a run's shards, then the cross-modal merge"
     )
     t.add_argument("--manifest", required=True, help="manifest.json URI of a finished run")
     t.add_argument("--recipe", required=True, help="training YAML, e.g. configs/train_aya_vision_8b.yaml")
@@ -68,11 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from babelsynth import runner
 
-    if args.cmd == "models":
-        from babelsynth.models.build import build_all
-
-        print(json.dumps(build_all(Path(args.root)), indent=1))
-    elif args.cmd == "samples":
+    if args.cmd == "samples":
         from babelsynth.sample_data import write_samples
 
         print(write_samples(args.out, args.per_task))

@@ -1,8 +1,9 @@
-"""Validated configuration for the two training stages, the merge and the held-out eval.
+"""Validated configuration for the two training phases, the merge and the held-out eval.
 
 Defaults are the Aya Vision 8B numbers (paper §4.2, Table 6; notes/paper.md §8-9) so a YAML file only
 states what differs. `TrainConfig.smoke()` is the few-step CPU setting used by tests and `make demo`.
-Unknown keys fail at load (`extra="forbid"`), before any model is loaded.
+Unknown keys fail at load (`extra="forbid"`), before any model is loaded. The two training steps are
+"phases" (`phases:` in a recipe), never "stages": stages are the data pipeline's.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-Stage = Literal["alignment", "sft"]
+Phase = Literal["alignment", "sft"]
+PHASES: tuple[Phase, ...] = ("alignment", "sft")
 Bucket = Literal["multilingual", "english_synthetic", "original"]
 BUCKETS: tuple[Bucket, ...] = ("multilingual", "english_synthetic", "original")
 
@@ -21,8 +23,8 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class StageConfig(_Strict):
-    """One optimisation stage: AdamW, linear warmup, cosine decay to `min_lr_ratio` x peak."""
+class PhaseConfig(_Strict):
+    """One optimisation phase: AdamW, linear warmup, cosine decay to `min_lr_ratio` x peak."""
 
     steps: int = Field(ge=1)
     lr: float = Field(gt=0)
@@ -67,7 +69,7 @@ class MixtureConfig(_Strict):
     A run's shards only hold the synthetic data: rows with `lang != eng_Latn` are `multilingual`,
     `eng_Latn` rows are `english_synthetic`, and `original` (the untouched academic sets) is absent.
     Buckets with no rows are dropped and the remaining ratios renormalised, so the default becomes
-    0.35/0.66 = 53% multilingual and 47% English. The same mixture feeds both stages: the paper's
+    0.35/0.66 = 53% multilingual and 47% English. The same mixture feeds both phases: the paper's
     alignment data (LLaVA-Pretrain + 14% multilingual) is not in a run, so it is not reproduced here.
     """
 
@@ -106,9 +108,15 @@ class EvalConfig(_Strict):
     batch_size: int = Field(8, ge=1)
 
 
+class Phases(_Strict):
+    """The two training phases in order (paper §4.2): connector alignment, then SFT."""
+
+    alignment: PhaseConfig = PhaseConfig(steps=9700, lr=1e-4, packing=False, max_seq_len=4096)
+    sft: PhaseConfig = PhaseConfig(steps=31000, lr=1e-4, packing=True, max_seq_len=8192)
+
+
 class TrainConfig(_Strict):
-    alignment: StageConfig = StageConfig(steps=9700, lr=1e-4, packing=False, max_seq_len=4096)
-    sft: StageConfig = StageConfig(steps=31000, lr=1e-4, packing=True, max_seq_len=8192)
+    phases: Phases = Phases()
     mixture: MixtureConfig = MixtureConfig()
     merge: MergeConfig = MergeConfig()
     eval: EvalConfig = EvalConfig()
@@ -116,16 +124,30 @@ class TrainConfig(_Strict):
     keep_checkpoints: int = Field(2, ge=1, description="older step-* checkpoint dirs are pruned")
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
-    def stage(self, name: Stage) -> StageConfig:
-        return {"alignment": self.alignment, "sft": self.sft}[name]
+    @model_validator(mode="before")
+    @classmethod
+    def _phases_moved(cls, data):
+        """Recipes written before the rename put the phases at the top level; say where they go now."""
+        if isinstance(data, dict):
+            old = [k for k in PHASES if k in data]
+            if old:
+                raise ValueError(
+                    f"train.{old[0]} moved: the training phases now sit under `phases:` "
+                    f"(train: {{phases: {{{', '.join(f'{k}: ...' for k in old)}}}}})"
+                )
+        return data
+
+    def phase(self, name: Phase) -> PhaseConfig:
+        if name not in PHASES:
+            raise ValueError(f"unknown phase {name!r}; expected one of {list(PHASES)}")
+        return getattr(self.phases, name)
 
     @classmethod
     def smoke(cls, steps: int = 3, **overrides) -> TrainConfig:
         """A few CPU steps on a tiny model: what tests and `make demo` run (well under a minute)."""
-        stage = dict(steps=steps, warmup_steps=1, batch_size=2, max_seq_len=256, lr=1e-3)
+        phase = dict(steps=steps, warmup_steps=1, batch_size=2, max_seq_len=256, lr=1e-3)
         base = dict(
-            alignment=StageConfig(**stage),
-            sft=StageConfig(**stage, packing=True),
+            phases=Phases(alignment=PhaseConfig(**phase), sft=PhaseConfig(**phase, packing=True)),
             merge=MergeConfig(alpha=0.4, sweep=[0.3, 0.5]),
             eval=EvalConfig(heldout_fraction=0.2, max_batches=2, batch_size=4),
             checkpoint_every=max(1, steps // 2),

@@ -63,7 +63,7 @@ def evaluate_models(
     device = resolve_device(cfg.device)
     data = RunData(run_uri)
     limit = cfg.eval.max_batches * cfg.eval.batch_size
-    max_len = cfg.sft.max_seq_len
+    max_len = cfg.phases.sft.max_seq_len
     frac = cfg.eval.heldout_fraction
     text_ex = heldout_examples(
         data, row_encoder(processor, data.images, max_len, with_images=False), frac, limit

@@ -5,9 +5,8 @@ connector are copied from the VLM unchanged, because the text LLM has none. The 
 tensor: inputs are read through `safe_open` and the output safetensors are written with a streaming
 writer (header first, then one tensor at a time), so peak memory is a few tensors, never the model.
 
-Name mapping: the text model's keys are `model.<rest>` (+ `lm_head.weight` when untied); the VLM's
-language-model keys are `<lm_prefix><rest>` (+ its own head key). The VLM layout is detected from the
-actual key names (see VLM_LAYOUTS); the merged checkpoint keeps the VLM's names and files' metadata, so
+Name mapping: `babelsynth.train.weights` (shared with the tiny-model builder). The VLM layout is
+detected from the actual key names; the merged checkpoint keeps the VLM's names and files' metadata, so
 whatever loads the VLM loads the result.
 """
 
@@ -18,16 +17,17 @@ import os
 import shutil
 import struct
 from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+from babelsynth.train.weights import TEXT_LAYOUT, detect_vlm_layout, is_text_only
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 PROVENANCE_FILE = "merge.json"
-_NOT_COPIED = {"eval.json", "stage_result.json", PROVENANCE_FILE, "pytorch_model.bin", "training_args.bin"}
+_NOT_COPIED = {"eval.json", "phase_result.json", PROVENANCE_FILE, "pytorch_model.bin", "training_args.bin"}
 _ITEMSIZE = {
     "F64": 8,
     "F32": 4,
@@ -57,23 +57,6 @@ _TORCH_TO_ST = {
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
-
-
-@dataclass(frozen=True)
-class Layout:
-    lm_prefix: str  # prefix of the decoder body (embed_tokens, layers.*, norm)
-    lm_head: str  # key of the output projection
-
-
-VLM_LAYOUTS = (
-    Layout(
-        "language_model.model.", "language_model.lm_head.weight"
-    ),  # what transformers 4.57 saves; hub Aya Vision
-    Layout(
-        "model.language_model.", "lm_head.weight"
-    ),  # in-memory names since 4.52; transformers 5 saves these
-)
-TEXT_LAYOUT = Layout("model.", "lm_head.weight")
 
 
 def lerp(a_mm: torch.Tensor, w_text: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -121,41 +104,23 @@ class TensorSource:
         return json.loads(p.read_text()) if p.exists() else {}
 
 
-def detect_vlm_layout(keys: list[str]) -> Layout:
-    for layout in VLM_LAYOUTS:
-        if any(k.startswith(layout.lm_prefix) for k in keys):
-            return layout
-    raise ValueError(
-        f"no language-model tensors found; expected keys starting with one of "
-        f"{[lay.lm_prefix for lay in VLM_LAYOUTS]}, got e.g. {keys[:5]}"
-    )
-
-
 def plan_merge(vlm: TensorSource, text: TensorSource) -> list[tuple[str, str | None]]:
     """[(vlm_key, text_key or None)] for every VLM tensor; None means copy unchanged. Raises one
     error listing every missing key, unexpected key and shape mismatch."""
     vkeys, tkeys = vlm.keys(), text.keys()
     lay = detect_vlm_layout(vkeys)
-    if not any(k.startswith(TEXT_LAYOUT.lm_prefix) for k in tkeys) or any(
-        k.startswith(p.lm_prefix) for k in tkeys for p in VLM_LAYOUTS
-    ):
+    if not is_text_only(tkeys):
         raise ValueError(f"{text.dir} does not look like a text-only causal LM (keys {tkeys[:5]})")
     plan: list[tuple[str, str | None]] = []
     problems: list[str] = []
     for k in vkeys:
-        if k.startswith(lay.lm_prefix):
-            plan.append((k, TEXT_LAYOUT.lm_prefix + k[len(lay.lm_prefix) :]))
-        elif k == lay.lm_head:
-            if TEXT_LAYOUT.lm_head in text.file_of:
-                plan.append((k, TEXT_LAYOUT.lm_head))
-            elif text.config().get("tie_word_embeddings", True):
-                plan.append((k, TEXT_LAYOUT.lm_prefix + "embed_tokens.weight"))  # text head is tied
-            else:
-                problems.append(
-                    f"VLM has {k} but the text model has no {TEXT_LAYOUT.lm_head} and is not tied"
-                )
+        t = lay.text_name(k)
+        if t is None or k != lay.lm_head or t in text.file_of:
+            plan.append((k, t))
+        elif text.config().get("tie_word_embeddings", True):
+            plan.append((k, TEXT_LAYOUT.lm_prefix + "embed_tokens.weight"))  # text head is tied
         else:
-            plan.append((k, None))
+            problems.append(f"VLM has {k} but the text model has no {TEXT_LAYOUT.lm_head} and is not tied")
     if TEXT_LAYOUT.lm_head in text.file_of and lay.lm_head not in vlm.file_of:
         problems.append(
             f"text model has an untied {TEXT_LAYOUT.lm_head} but the VLM ties its head to the "

@@ -1,6 +1,6 @@
 """alignment -> sft -> merge (alpha + sweep) -> held-out eval, in one call.
 
-This is what the Airflow training DAG and `make demo` run. Every step is restartable: stages resume
+This is what the Airflow training DAG and `make demo` run. Every step is restartable: phases resume
 from their checkpoints, merges overwrite their own output dirs, so re-running after a crash redoes
 only what was lost. Layout of out_dir (local path):
 
@@ -18,10 +18,10 @@ import logging
 import os
 from pathlib import Path
 
-from babelsynth.train.config import TrainConfig
+from babelsynth.train.config import PHASES, TrainConfig
 from babelsynth.train.evaluate import evaluate_models
 from babelsynth.train.merge import merge_llm, merged_dirname
-from babelsynth.train.sft import load_vlm, resolve_device, run_stage
+from babelsynth.train.sft import load_vlm, resolve_device, run_phase
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +36,10 @@ def train_and_merge(manifest_uri: str, vlm_dir: str, text_dir: str, out_dir: str
     processor = AutoProcessor.from_pretrained(vlm_dir)
     model = load_vlm(vlm_dir, resolve_device(cfg.device))
 
-    stages = {}
-    for stage in ("alignment", "sft"):
-        res = run_stage(model, stage, processor=processor, run_uri=manifest_uri, cfg=cfg, out_dir=out / stage)
-        stages[stage] = {
+    phases = {}
+    for phase in PHASES:
+        res = run_phase(model, phase, processor=processor, run_uri=manifest_uri, cfg=cfg, out_dir=out / phase)
+        phases[phase] = {
             "dir": res.out_dir,
             "steps": res.steps,
             "final_loss": res.final_loss,
@@ -49,7 +49,7 @@ def train_and_merge(manifest_uri: str, vlm_dir: str, text_dir: str, out_dir: str
     del model
     gc.collect()
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 merges and evaluates
-        return {"out_dir": str(out), "stages": stages, "rank": int(os.environ["RANK"])}
+        return {"out_dir": str(out), "phases": phases, "rank": int(os.environ["RANK"])}
 
     sft_dir = out / "sft"
     merges = {
@@ -70,7 +70,7 @@ def train_and_merge(manifest_uri: str, vlm_dir: str, text_dir: str, out_dir: str
     )
     summary = {
         "out_dir": str(out),
-        "stages": stages,
+        "phases": phases,
         "merged": {
             name: {"dir": str(p), "alpha": json.loads((p / "merge.json").read_text())["alpha"]}
             for name, p in merges.items()

@@ -1,10 +1,10 @@
-"""The two Aya Vision training stages as one recipe (paper §4.2):
+"""The two Aya Vision training phases as one recipe (paper §4.2):
 
 - alignment: vision tower and LLM frozen; only the connector (multi_modal_projector) trains.
 - sft: connector + LLM train; the vision tower stays frozen.
 
 Checkpoints are written every `checkpoint_every` steps (trainable weights as safetensors, optimizer +
-scheduler + RNG as a weights-only torch file, step + data-stream position as JSON) and `run_stage`
+scheduler + RNG as a weights-only torch file, step + data-stream position as JSON) and `run_phase`
 resumes from the newest one, so an interrupted run ends bit-identical to an uninterrupted one.
 Single process on CPU; under torchrun (WORLD_SIZE > 1) it uses DDP, each rank taking a strided slice
 of every global batch, and only rank 0 writes.
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from babelsynth.train.config import Stage, StageConfig, TrainConfig
+from babelsynth.train.config import Phase, PhaseConfig, TrainConfig
 from babelsynth.train.data import IGNORE_INDEX, BatchStream, MixtureStream, RunData, collate, row_encoder
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ CKPT_DIR, CKPT_WEIGHTS, CKPT_STATE, CKPT_META = (
     "state.pt",
     "trainer_state.json",
 )
-RESULT_FILE = "stage_result.json"
+RESULT_FILE = "phase_result.json"
 
 
 # ------------------------------------------------------------------------------------------- model parts
@@ -52,17 +52,17 @@ def part_of(param_name: str) -> str:
     return "llm"
 
 
-def freeze_for_stage(model: torch.nn.Module, stage: Stage) -> list[str]:
-    """Set requires_grad per the stage and return the trainable parameter names."""
-    if stage not in TRAINABLE:
-        raise ValueError(f"unknown stage {stage!r}; expected one of {sorted(TRAINABLE)}")
+def freeze_for_phase(model: torch.nn.Module, phase: Phase) -> list[str]:
+    """Set requires_grad per the phase and return the trainable parameter names."""
+    if phase not in TRAINABLE:
+        raise ValueError(f"unknown phase {phase!r}; expected one of {sorted(TRAINABLE)}")
     names = []
     for name, p in model.named_parameters():
-        p.requires_grad_(part_of(name) in TRAINABLE[stage])
+        p.requires_grad_(part_of(name) in TRAINABLE[phase])
         if p.requires_grad:
             names.append(name)
     if not names:
-        raise ValueError(f"stage {stage!r} found no trainable parameters; is this an AyaVision model?")
+        raise ValueError(f"phase {phase!r} found no trainable parameters; is this an AyaVision model?")
     return names
 
 
@@ -82,7 +82,7 @@ def load_vlm(path: str | os.PathLike, device: torch.device | str = "cpu"):
     return model.to(device)
 
 
-def build_optimizer(model: torch.nn.Module, cfg: StageConfig) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module, cfg: PhaseConfig) -> torch.optim.AdamW:
     """AdamW over trainable tensors; no weight decay on 1-D tensors (norms, biases)."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
@@ -91,7 +91,7 @@ def build_optimizer(model: torch.nn.Module, cfg: StageConfig) -> torch.optim.Ada
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 
 
-def build_scheduler(opt: torch.optim.Optimizer, cfg: StageConfig) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(opt: torch.optim.Optimizer, cfg: PhaseConfig) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(opt, cfg.lr_factor)
 
 
@@ -159,7 +159,7 @@ def load_checkpoint(ckpt: Path, model, opt, sched, stream: BatchStream) -> dict:
     missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
     if missing or set(weights) - set(params):
         raise ValueError(
-            f"checkpoint {ckpt} does not match this stage's trainable set "
+            f"checkpoint {ckpt} does not match this phase's trainable set "
             f"(missing {missing[:3]}, unexpected {sorted(set(weights) - set(params))[:3]})"
         )
     with torch.no_grad():
@@ -203,8 +203,8 @@ def _barrier(d: Dist) -> None:
 
 # ------------------------------------------------------------------------------------------- the recipe
 @dataclass
-class StageResult:
-    stage: str
+class PhaseResult:
+    phase: str
     out_dir: str
     steps: int
     completed: bool
@@ -217,40 +217,40 @@ class StageResult:
         return asdict(self)
 
 
-def run_stage(
+def run_phase(
     model,
-    stage: Stage,
+    phase: Phase,
     *,
     processor,
     run_uri: str,
     cfg: TrainConfig,
     out_dir: str | os.PathLike,
     stop_after: int | None = None,
-) -> StageResult:
-    """Train `model` in place for cfg.<stage>.steps optimizer steps on the run's training split,
+) -> PhaseResult:
+    """Train `model` in place for cfg.phases.<phase>.steps optimizer steps on the run's training split,
     resuming from out_dir/checkpoints if present. On completion the full model and processor are
     saved to out_dir (a loadable HF dir). `stop_after` ends the call after that many steps without a
     final save (used to test preemption)."""
-    scfg = cfg.stage(stage)
+    pcfg = cfg.phase(phase)
     out = Path(out_dir)
     device = next(model.parameters()).device
     dist = _dist_setup(device)
-    if scfg.batch_size % dist.world:
-        raise ValueError(f"batch_size {scfg.batch_size} must be a multiple of WORLD_SIZE {dist.world}")
-    freeze_for_stage(model, stage)
+    if pcfg.batch_size % dist.world:
+        raise ValueError(f"batch_size {pcfg.batch_size} must be a multiple of WORLD_SIZE {dist.world}")
+    freeze_for_phase(model, phase)
     model.train()
-    torch.manual_seed(scfg.seed)
+    torch.manual_seed(pcfg.seed)
 
     data = RunData(run_uri)
-    encode = row_encoder(processor, data.images, scfg.max_seq_len)
+    encode = row_encoder(processor, data.images, pcfg.max_seq_len)
     stream = BatchStream(
-        MixtureStream(data, encode, cfg.mixture, scfg.seed, cfg.eval.heldout_fraction),
-        scfg.batch_size,
-        scfg.max_seq_len,
-        scfg.packing,
+        MixtureStream(data, encode, cfg.mixture, pcfg.seed, cfg.eval.heldout_fraction),
+        pcfg.batch_size,
+        pcfg.max_seq_len,
+        pcfg.packing,
     )
-    opt = build_optimizer(model, scfg)
-    sched = build_scheduler(opt, scfg)
+    opt = build_optimizer(model, pcfg)
+    sched = build_scheduler(opt, pcfg)
     pad_id = processor.tokenizer.pad_token_id
     pad_id = processor.tokenizer.eos_token_id if pad_id is None else pad_id
 
@@ -260,7 +260,7 @@ def run_stage(
         ck = load_checkpoint(ckpt, model, opt, sched, stream)
         step = resumed = ck["step"]
         last_loss = ck.get("loss")
-        log.info("%s: resumed from %s (step %d)", stage, ckpt, step)
+        log.info("%s: resumed from %s (step %d)", phase, ckpt, step)
 
     wrapped = model
     if dist.world > 1:
@@ -272,14 +272,14 @@ def run_stage(
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     )
-    meta = {"stage": stage, "config": scfg.model_dump(mode="json")}
-    result = StageResult(stage, str(out), step, completed=False, resumed_from=resumed)
+    meta = {"phase": phase, "config": pcfg.model_dump(mode="json")}
+    result = PhaseResult(phase, str(out), step, completed=False, resumed_from=resumed)
 
     ran = 0
-    while step < scfg.steps and (stop_after is None or ran < stop_after):
+    while step < pcfg.steps and (stop_after is None or ran < stop_after):
         rows = stream.next_rows()[dist.rank :: dist.world]
         micro = [
-            collate(rows[i : i + scfg.micro], pad_id, scfg.packing) for i in range(0, len(rows), scfg.micro)
+            collate(rows[i : i + pcfg.micro], pad_id, pcfg.packing) for i in range(0, len(rows), pcfg.micro)
         ]
         n_tokens = torch.tensor(
             sum(int((m["labels"][:, 1:] != IGNORE_INDEX).sum()) for m in micro),
@@ -300,16 +300,16 @@ def run_stage(
             loss_sum += s.detach().double()
         if dist.world > 1:
             torch.distributed.all_reduce(loss_sum)
-        if scfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], scfg.grad_clip)
+        if pcfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], pcfg.grad_clip)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         step, ran = step + 1, ran + 1
         loss = float(loss_sum) / max(float(n_tokens), 1.0)
         result.losses.append(loss)
-        log.info("%s step %d/%d loss %.4f lr %.3g", stage, step, scfg.steps, loss, sched.get_last_lr()[0])
-        if step % cfg.checkpoint_every == 0 or step == scfg.steps:
+        log.info("%s step %d/%d loss %.4f lr %.3g", phase, step, pcfg.steps, loss, sched.get_last_lr()[0])
+        if step % cfg.checkpoint_every == 0 or step == pcfg.steps:
             if dist.main:
                 save_checkpoint(
                     out, step, model, opt, sched, stream, {**meta, "loss": loss}, cfg.keep_checkpoints
@@ -318,7 +318,7 @@ def run_stage(
 
     result.steps, result.skipped_examples = step, stream.examples.skipped
     result.final_loss = result.losses[-1] if result.losses else last_loss
-    if step >= scfg.steps:
+    if step >= pcfg.steps:
         result.completed = True
         if dist.main:
             model.save_pretrained(out, safe_serialization=True)
