@@ -117,7 +117,9 @@ def flag_or_reject(
         return row, None
     flagged = {**row, flags_col: [*(row.get(flags_col) or []), *(c for c, _ in problems)]}
     if enforced:  # the rejected record carries every code it was flagged with, enforced or not
-        detail = "; ".join(f"{c}: {d}" if d else c for c, d in enforced)
+        detail = enforced[0][1] or enforced[0][0]
+        if len(enforced) > 1:
+            detail += f" (also: {', '.join(c for c, _ in enforced[1:])})"
         return None, reject(flagged, stage, enforced[0][0], detail)
     return {**row, flags_col: [*(row.get(flags_col) or []), *reported]}, None
 
