@@ -76,3 +76,64 @@ def family_configs(vlm: Path, text: Path, hidden: int, vocab: int, layers: int, 
     fam = {"model_type": "cohere2", "hidden_size": hidden, "vocab_size": vocab, "num_hidden_layers": layers}
     (vlm / "config.json").write_text(json.dumps({"text_config": fam, "vision_config": {}}))
     (text / "config.json").write_text(json.dumps({**fam, **text_extra}))
+
+
+# The published dimensions of the two Aya Vision models, as their config.json files state them (paper
+# arXiv 2505.08751 section 4.1 and Table 6; notes/paper.md section 8). Aya Vision 8B: SigLIP2-so400m-
+# patch14-384 run at 364 px + Command R7B (Cohere2). 32B: SigLIP2-so400m-patch16-512 + Aya Expanse 32B
+# (Cohere). The 32B connector width 49152 is inferred from the paper's 428M connector parameters.
+AYA_VISION_CONFIGS = {
+    "8b": {
+        "model_type": "aya_vision",
+        "downsample_factor": 2,
+        "alignment_intermediate_size": 28672,
+        "text_config": {
+            "model_type": "cohere2",
+            "vocab_size": 256000,
+            "hidden_size": 4096,
+            "num_hidden_layers": 32,
+            "intermediate_size": 14336,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "head_dim": 128,
+            "tie_word_embeddings": True,
+        },
+        "vision_config": {
+            "model_type": "siglip_vision_model",
+            "hidden_size": 1152,
+            "intermediate_size": 4304,
+            "num_hidden_layers": 27,
+            "num_attention_heads": 16,
+            "patch_size": 14,
+            "image_size": 364,
+            "vision_use_head": False,
+        },
+    },
+    "32b": {
+        "model_type": "aya_vision",
+        "downsample_factor": 2,
+        "alignment_intermediate_size": 49152,
+        "text_config": {
+            "model_type": "cohere",
+            "vocab_size": 256000,
+            "hidden_size": 8192,
+            "num_hidden_layers": 40,
+            "intermediate_size": 24576,
+            "num_attention_heads": 64,
+            "num_key_value_heads": 8,
+            "head_dim": 128,
+            "tie_word_embeddings": True,
+            "use_qk_norm": False,
+        },
+        "vision_config": {
+            "model_type": "siglip_vision_model",
+            "hidden_size": 1152,
+            "intermediate_size": 4304,
+            "num_hidden_layers": 27,
+            "num_attention_heads": 16,
+            "patch_size": 16,
+            "image_size": 512,
+            "vision_use_head": False,
+        },
+    },
+}

@@ -344,6 +344,13 @@ def format_plan(plan: RecipePlan) -> str:
         lines.append(row)
     lines.append(f"{'total (GPU)':<18}" + "".join(f"{ph.total / GIB:>18.2f}" for ph in plan.phases.values()))
     lines.append(f"{'usable':<18}" + "".join(f"{ph.usable / GIB:>18.2f}" for ph in plan.phases.values()))
+    if r.cpu_offload:
+        lines.append(
+            f"{'host RAM per node':<18}"
+            + "".join(
+                f"{sum(ph.host.values()) * r.nproc_per_node / GIB:>18.2f}" for ph in plan.phases.values()
+            )
+        )
     lines.append(
         f"{'tokens/micro-batch':<18}"
         + "".join(f"{ph.tokens_per_micro_batch:>18}" for ph in plan.phases.values())
