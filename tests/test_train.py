@@ -258,6 +258,38 @@ def test_chunked_loss_equals_full_logits_loss_and_gradients(tiny, run_root, proc
             assert (p.grad - ref_grad).abs().max() <= 1e-5 * ref_grad.abs().max() + 1e-6, name
 
 
+def test_full_vocabulary_logits_are_never_materialised(tiny, run_root, processor):
+    """Every tensor created in forward and backward (observed at the dispatcher) that spans the
+    vocabulary has at most `chunk` rows, apart from the LM head weight itself and its gradient (hidden x
+    vocab); the reference HF forward creates (batch x seq x vocab)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from transformers import AutoModelForImageTextToText
+
+    class Widest(TorchDispatchMode):
+        def __init__(self, vocab: int, hidden: int):
+            super().__init__()
+            self.vocab, self.hidden, self.rows = vocab, hidden, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t.dim() and t.shape[-1] == self.vocab:
+                    if t.numel() != self.vocab * self.hidden:  # not the head weight / its gradient
+                        self.rows = max(self.rows, t.numel() // self.vocab)
+            return out
+
+    batch = _batch(run_root, processor, packed=True)
+    model = AutoModelForImageTextToText.from_pretrained(tiny[0], dtype=torch.float32)
+    vocab, hidden = model.config.text_config.vocab_size, model.config.text_config.hidden_size
+    with Widest(vocab, hidden) as seen:
+        loss, n = LossModel(model, chunk_tokens=8)(**batch)
+        loss.backward()
+    assert n > 8 * 3 and 0 < seen.rows <= 8
+    with Widest(vocab, hidden) as ref:
+        _full_logits_loss(model, batch)
+    assert ref.rows >= batch["input_ids"].numel()
+
+
 def test_chunked_loss_applies_the_language_models_logit_scale(tiny, run_root, processor):
     """Cohere LMs scale logits by logit_scale (Cohere2ForCausalLM does; HF's AyaVision head does not):
     the loss uses the LM's own scale, for the text model and the VLM alike."""

@@ -86,7 +86,8 @@ def process_group(device_pref: str = "auto") -> Iterator[Dist]:
     device = resolve_device(device_pref)
     created = False
     if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        # on GPU, CPU tensors (cpu_offload's sharded states) still need collectives: gloo takes those
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
         if "WORLD_SIZE" in os.environ:
@@ -212,7 +213,7 @@ class ShardedModel:
 def load_shards(model: nn.Module, model_dir: str | os.PathLike) -> dict[str, str]:
     """Copy each rank's shard of every parameter from the safetensors (memory-mapped, one tensor at a
     time). Missing and unexpected keys are one error naming them all."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    from torch.distributed.tensor import DTensor, Shard
 
     with ExitStack() as stack:
         src = TensorSource(model_dir, stack)
@@ -227,12 +228,22 @@ def load_shards(model: nn.Module, model_dir: str | os.PathLike) -> dict[str, str
             )
         with torch.no_grad():
             for name, p in params.items():
-                full = src.get(keys[name]).to(p.dtype)
+                full = src.get(keys[name])
                 if isinstance(p, DTensor):
-                    shard = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
-                    p.to_local().copy_(shard.to_local())
+                    if tuple(p.placements) != (Shard(0),):
+                        raise RuntimeError(f"{name}: expected FSDP's dim-0 sharding, got {p.placements}")
+                    # this rank's rows, cut on the CPU: the full tensor never reaches the GPU
+                    parts = full.chunk(p.device_mesh.size(), dim=0)
+                    rank = p.device_mesh.get_local_rank()
+                    local = p.to_local()
+                    if rank < len(parts):
+                        local.copy_(parts[rank].to(p.dtype))
+                    elif local.numel():
+                        raise RuntimeError(
+                            f"{name}: rank {rank} has a shard but the tensor has {len(parts)} chunks"
+                        )
                 else:
-                    p.copy_(full)
+                    p.copy_(full.to(p.dtype))
     return {n: k for n, k in keys.items() if n in params}
 
 
