@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import re
@@ -31,7 +30,7 @@ from torch import nn
 
 from babelsynth.train.config import Phase, TrainConfig
 from babelsynth.train.loss import LossModel
-from babelsynth.train.merge import INDEX_FILE, TensorSource, copy_model_files, write_sharded
+from babelsynth.train.merge import TensorSource, copy_model_files, write_sharded
 
 log = logging.getLogger(__name__)
 
@@ -287,12 +286,3 @@ def export_model(sm: ShardedModel, out_dir: Path, dtype: str, max_shard_bytes: i
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     return out_dir
-
-
-def has_weights(model_dir: Path) -> bool:
-    return (model_dir / "model.safetensors").exists() or (model_dir / INDEX_FILE).exists()
-
-
-def config_dtype(model_dir: Path) -> str | None:
-    cfg = json.loads((model_dir / "config.json").read_text())
-    return cfg.get("dtype") or cfg.get("torch_dtype")

@@ -45,6 +45,14 @@ def train_and_merge(
     with process_group(cfg.device) as d:
         phases, src, budget = {}, vlm_dir, stop_after
         for phase in PHASES:
+            if budget is not None and budget <= 0:  # the step budget ended exactly at a phase boundary
+                return {
+                    "out_uri": out.uri,
+                    "completed": False,
+                    "rank": d.rank,
+                    "world": d.world,
+                    "phases": phases,
+                }
             res = run_phase(
                 phase,
                 src_dir=src,
