@@ -8,7 +8,8 @@ file it opens for writing:
   resume2  torchrun 2 processes on a copy of `stopped`, fresh scratch (reads the uploaded checkpoint)
   resume1  torchrun 1 process on another copy of `stopped`, fresh scratch
 Tolerance: bf16 compute reduces in a different order with 2 ranks, so the 1- and 2-process loss curves
-agree to rtol 2e-3 (measured: under 5e-4); resumes on the same world size are bit-identical.
+agree to rtol 2e-3 (measured: identical here, where bf16 rounding of the weights absorbs the fp32
+reduction-order differences; 4.4e-4 with 256-token rows); resumes on the same world size are bit-identical.
 """
 
 from __future__ import annotations
