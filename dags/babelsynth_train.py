@@ -1,11 +1,14 @@
 """babelsynth_train: SFT (connector alignment, then SFT) on a run's shards, then the cross-modal merge
 W = a*W_multimodal + (1-a)*W_text of the LLM weights. Scheduled on the shards Asset; the manifest URI
 comes from the triggering event, or from the `manifest_uri` param for a manual run.
+
+The training task runs `babelsynth train` under torchrun with the recipe's process count: in the worker
+or as one multi-GPU pod, as the placement config's `train` section says (docs/training.md). The recipe
+is the `train_config` param or $BABELSYNTH_TRAIN_CONFIG; without one the task fails (no demo fallback).
 """
 
 from __future__ import annotations
 
-import os
 from datetime import datetime, timedelta
 
 from airflow.sdk import Asset, Param, dag, get_current_context, task
@@ -14,6 +17,7 @@ from operators import tasks
 from operators.placement import load_placement
 
 SHARDS_ASSET = Asset(name="babelsynth_shards", uri="file:///babelsynth/shards")
+PLACEMENT = load_placement()
 
 
 @dag(
@@ -34,10 +38,14 @@ SHARDS_ASSET = Asset(name="babelsynth_shards", uri="file:///babelsynth/shards")
             None, type=["null", "string"], description="run manifest; default: triggering event"
         ),
         "train_config": Param(
-            None, type=["null", "string"], description="training YAML; default $BABELSYNTH_TRAIN_CONFIG"
+            None,
+            type=["null", "string"],
+            description="training recipe YAML; default $BABELSYNTH_TRAIN_CONFIG (one of them is required)",
         ),
         "out_uri": Param(
-            None, type=["null", "string"], description="where checkpoints go; default next to the run"
+            None,
+            type=["null", "string"],
+            description="training output (S3 or path); default <run>/training next to the run",
         ),
     },
     doc_md=__doc__,
@@ -54,14 +62,25 @@ def babelsynth_train():
                     return ev.extra["manifest_uri"]
         raise ValueError("no manifest_uri: trigger with the param or through the babelsynth_shards asset")
 
-    @task(pool=load_placement().pool)  # training holds a GPU: the same pool as the model stages
-    def train_and_merge(uri: str, params=None) -> dict:
-        cfg = params.get("train_config") or os.environ.get(
-            "BABELSYNTH_TRAIN_CONFIG", "configs/train_demo.yaml"
-        )
-        return tasks.train(uri, cfg, params.get("out_uri"))
+    uri = manifest_uri()
+    # training holds GPUs: slots of the same pool as the model stages, one per GPU (train.pool_slots)
+    if PLACEMENT.train.where == "kubernetes":
+        from operators.train_pod import BabelsynthTrainPodOperator
 
-    train_and_merge(manifest_uri())
+        BabelsynthTrainPodOperator(
+            task_id="train_and_merge",
+            manifest_uri=uri,
+            k8s_conf=PLACEMENT.train.kubernetes,
+            pool=PLACEMENT.pool,
+            pool_slots=PLACEMENT.train.pool_slots,
+        )
+    else:
+
+        @task(pool=PLACEMENT.pool, pool_slots=PLACEMENT.train.pool_slots)
+        def train_and_merge(uri: str, params=None) -> dict:
+            return tasks.train(uri, params)
+
+        train_and_merge(uri)
 
 
 babelsynth_train()

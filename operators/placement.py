@@ -55,6 +55,43 @@ class KubernetesSection(_Base):
     )
 
 
+class TrainKubernetesSection(_Base):
+    """KubernetesPodOperator running `torchrun ... -m babelsynth.cli train ...` in one multi-GPU pod.
+
+    The GPU count is the recipe's `resources.nproc_per_node`, read when the task runs."""
+
+    image: str = "babelsynth-worker-gpu:0.1.0"
+    namespace: str = "airflow"
+    cpu: str = "32"
+    memory: str = "512Gi"
+    shm_size: str = Field(
+        "64Gi", description="/dev/shm (memory-backed emptyDir): NCCL and dataloaders need it"
+    )
+    models_claim: str = Field("babelsynth-models", description="PVC with the checkpoints, mounted read-only")
+    models_mount: str = "/models"
+    scratch_size: str = Field("2Ti", description="node-local emptyDir for checkpoints before upload")
+    scratch_mount: str = "/scratch"
+    configs_dir: str | None = Field(
+        None,
+        description="recipes dir inside the image (run's train_config by file name); default: same path",
+    )
+    deferrable: bool = True
+    service_account: str | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    env_from_secrets: list[str] = Field(default_factory=list)
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    startup_timeout_seconds: int = Field(1800, ge=30)
+
+
+class TrainPlacement(_Base):
+    """Where babelsynth_train's training task runs: `worker` (torchrun beside the Airflow worker, e.g. a
+    LocalExecutor on a GPU box) or `kubernetes` (one pod with the recipe's GPU count)."""
+
+    where: Literal["worker", "kubernetes"] = "worker"
+    pool_slots: int = Field(1, ge=1, description="gpu-pool slots the training task holds (its GPU count)")
+    kubernetes: TrainKubernetesSection = TrainKubernetesSection()
+
+
 class Placement(_Base):
     pool: str = Field("gpu", description="model stages take slots from this pool")
     pool_slots: int = Field(1, ge=1)
@@ -62,6 +99,7 @@ class Placement(_Base):
     stages: dict[str, Where] = Field(default_factory=dict, description="stage -> where; unlisted: worker")
     venv: VenvSection = VenvSection()
     kubernetes: KubernetesSection = KubernetesSection()
+    train: TrainPlacement = TrainPlacement()
 
     def where(self, stage: str) -> Where:
         return self.stages.get(stage, "worker")

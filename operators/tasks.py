@@ -50,7 +50,8 @@ def commit(params: dict[str, Any], run_id: str) -> dict:
     }
 
 
-def train(manifest_uri: str, train_config: str, out_uri: str | None = None) -> dict:
-    from babelsynth.train.run import train_from_manifest
+def train(manifest_uri: str, params: dict[str, Any]) -> dict:
+    """Training under torchrun in this worker (the recipe's process count); rank 0's summary."""
+    from operators.train_launch import run_local
 
-    return train_from_manifest(manifest_uri, train_config, out_uri)
+    return run_local(manifest_uri, params)

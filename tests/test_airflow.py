@@ -67,8 +67,8 @@ def test_generate_then_train_from_the_manifest(bag, af_env):
     res = {t.task_id: t for t in tr.get_task_instances()}["train_and_merge"].xcom_pull(
         task_ids="train_and_merge"
     )
-    ev = json.loads(open(res["eval_json"]).read())
-    assert {"sft", "merged"} <= set(ev) and os.path.isdir(res["merged"]["merged"]["dir"])
+    ev = json.loads(storage.read_bytes(res["eval_json"]))
+    assert {"sft", "merged"} <= set(ev["models"]) and storage.exists(res["merged"]["uri"] + "/merge.json")
 
 
 def test_fan_out_stays_within_the_mapping_bound(bag, af_env):

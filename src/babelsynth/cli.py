@@ -51,9 +51,22 @@ def main(argv: list[str] | None = None) -> int:
     t = sub.add_parser(
         "train", help="training phases (alignment, then SFT) on a run's shards, then the cross-modal merge"
     )
-    t.add_argument("--manifest", required=True, help="manifest.json URI of a finished run")
+    t.add_argument("--manifest", help="manifest.json URI of a finished run (not needed with --plan)")
     t.add_argument("--recipe", required=True, help="training YAML, e.g. configs/train_aya_vision_8b.yaml")
-    t.add_argument("--out", default=None, help="checkpoint dir; default <run>/training")
+    t.add_argument("--out", default=None, help="output URI (S3 or path); default <run>/training")
+    t.add_argument(
+        "--plan",
+        action="store_true",
+        help="print per-rank memory (weights/grads/optimizer/activations) and exit; 1 if it does not fit",
+    )
+    t.add_argument("--nproc-per-node", type=int, default=None, help="with --plan: plan for this many GPUs")
+    t.add_argument("--nnodes", type=int, default=None, help="with --plan: plan for this many nodes")
+    t.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        help="end after this many optimizer steps (checkpointed) for a time-boxed slot; rerun to continue",
+    )
 
     c = sub.add_parser("check-config", help="validate a config without loading any model")
     c.add_argument("--config", required=True)
@@ -68,9 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(write_samples(args.out, args.per_task))
     elif args.cmd == "train":
-        from babelsynth.train.run import train_from_manifest
-
-        print(json.dumps(train_from_manifest(args.manifest, args.recipe, args.out), indent=1))
+        return _train(args)
     elif args.cmd == "check-config":
         print(_cfg(args).model_dump_json(indent=1))
     elif args.cmd == "plan":
@@ -87,6 +98,25 @@ def main(argv: list[str] | None = None) -> int:
         print(runner.summary(regate(_cfg(args), args.run_id)))
     elif args.cmd == "run":
         print(runner.summary(runner.run_all(_cfg(args), args.run_id)))
+    return 0
+
+
+def _train(args) -> int:
+    import os
+
+    from babelsynth.train.run import load_recipe, plan_for, train_from_manifest
+
+    if args.plan:
+        from babelsynth.train.plan import format_plan
+
+        plan = plan_for(load_recipe(args.recipe), args.nproc_per_node, args.nnodes)
+        print(format_plan(plan))
+        return 0 if plan.fits else 1
+    if not args.manifest:
+        raise SystemExit("babelsynth train: --manifest is required (unless --plan)")
+    summary = train_from_manifest(args.manifest, args.recipe, args.out, args.stop_after)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary, indent=1))
     return 0
 
 

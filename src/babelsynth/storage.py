@@ -109,6 +109,47 @@ def delete_prefix(uri: str) -> None:
         delete(u)
 
 
+def upload_file(path: str | os.PathLike, uri: str) -> None:
+    """Copy a local file to `uri` without reading it into memory (S3: managed multipart upload;
+    local: copy to a temp name + rename, so a reader never sees a partial file)."""
+    if _is_s3(uri):
+        bucket, key = _split_s3(uri)
+        _s3_client().upload_file(str(path), bucket, key)
+        return
+    import shutil
+
+    dst = _local(uri)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def download_file(uri: str, path: str | os.PathLike) -> None:
+    """Copy `uri` to a local file without reading it into memory; the file appears complete or not at all."""
+    dst = Path(path)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        if _is_s3(uri):
+            bucket, key = _split_s3(uri)
+            _s3_client().download_file(bucket, key, tmp)
+        else:
+            import shutil
+
+            shutil.copyfile(_local(uri), tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def parquet_source(uri: str):
     """What pyarrow reads: a local path (memory-mapped, read lazily) or the S3 object's bytes."""
     import io

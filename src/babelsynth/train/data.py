@@ -185,6 +185,7 @@ class Example:
     position_ids: list[int]
     pixel_values: Any = None  # torch.Tensor (n_tiles, 3, H, W) or None
     sample_ids: list[str] = field(default_factory=list)
+    truncated: int = 0  # examples in this row whose answer was cut at max_seq_len
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -231,10 +232,17 @@ def encode_example(
     target_ids = tok(completion, add_special_tokens=False)["input_ids"]
     if len(prefix_ids) >= max_seq_len:
         return None
-    target_ids = target_ids[: max_seq_len - len(prefix_ids)]
+    room = max_seq_len - len(prefix_ids)
+    truncated = int(len(target_ids) > room)
+    target_ids = target_ids[:room]
     ids = prefix_ids + target_ids
     return Example(
-        ids, [IGNORE_INDEX] * len(prefix_ids) + target_ids, list(range(len(ids))), pixel_values, [sample_id]
+        ids,
+        [IGNORE_INDEX] * len(prefix_ids) + target_ids,
+        list(range(len(ids))),
+        pixel_values,
+        [sample_id],
+        truncated,
     )
 
 
@@ -262,6 +270,7 @@ def pack(examples: list[Example]) -> Example:
         [p for e in examples for p in e.position_ids],
         torch.cat(pv) if pv else None,
         [s for e in examples for s in e.sample_ids],
+        sum(e.truncated for e in examples),
     )
 
 
@@ -349,7 +358,9 @@ class _BucketStream:
 
 class MixtureStream:
     """Endless, resumable example stream: draw k goes to a bucket chosen by hash(seed, k) with the
-    mixture weights, then that bucket's next row is encoded. Rows that cannot fit are skipped."""
+    mixture weights, then that bucket's next row is encoded. Rows whose prompt (with its image tokens)
+    cannot fit are skipped and counted (`skipped`); answers cut at max_seq_len are counted (`truncated`).
+    Both counters are part of the state, so they survive a resume."""
 
     def __init__(
         self,
@@ -360,7 +371,7 @@ class MixtureStream:
         heldout_fraction: float,
     ):
         self.weights = mixture_weights(mixture, data.buckets)
-        self.seed, self.encode, self.k, self.skipped = seed, encode, 0, 0
+        self.seed, self.encode, self.k, self.skipped, self.truncated = seed, encode, 0, 0, 0
         self.streams = {b: _BucketStream(b, data.files_for(b), seed, heldout_fraction) for b in self.weights}
         self._peeked: tuple[Example, dict] | None = None
 
@@ -381,6 +392,7 @@ class MixtureStream:
             self.k += 1
             ex = self.encode(self.streams[bucket].next_row())
             if ex is not None:
+                self.truncated += ex.truncated
                 return ex
             self.skipped += 1
 
@@ -395,12 +407,13 @@ class MixtureStream:
         return {
             "k": self.k,
             "skipped": self.skipped,
+            "truncated": self.truncated,
             "buckets": {b: s.state_dict() for b, s in self.streams.items()},
         }
 
     def load_state_dict(self, s: dict) -> None:
         self._peeked = None
-        self.k, self.skipped = s["k"], s.get("skipped", 0)
+        self.k, self.skipped, self.truncated = s["k"], s.get("skipped", 0), s.get("truncated", 0)
         for b, st in s["buckets"].items():
             self.streams[b].load_state_dict(st)
 
@@ -444,13 +457,17 @@ class BatchStream:
 
 def heldout_examples(
     data: RunData, encode: Callable[[dict], Example | None], fraction: float, limit: int
-) -> list[Example]:
-    """The first `limit` encodable held-out rows in manifest order: the same set for every model."""
+) -> tuple[list[Example], int]:
+    """The first `limit` encodable held-out rows in manifest order (the same set for every model), and
+    how many held-out rows before that point were skipped because they cannot fit."""
     out: list[Example] = []
+    skipped = 0
     for row in data.rows("heldout", fraction):
         ex = encode(row)
-        if ex is not None:
+        if ex is None:
+            skipped += 1
+        else:
             out.append(ex)
         if len(out) >= limit:
             break
-    return out
+    return out, skipped

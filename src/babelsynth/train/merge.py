@@ -7,7 +7,14 @@ writer (header first, then one tensor at a time), so peak memory is a few tensor
 
 Name mapping: `babelsynth.train.weights` (shared with the tiny-model builder). The VLM layout is
 detected from the actual key names; the merged checkpoint keeps the VLM's names and files' metadata, so
-whatever loads the VLM loads the result.
+whatever loads the VLM loads the result. The output is bf16 by default (`dtype`); the interpolation
+itself runs in fp32.
+
+The two models must be the same family: the text model has to be the LLM the VLM's language model was
+initialised from (Aya Vision 8B: Command R7B, Cohere2; 32B: Aya Expanse 32B, Cohere). `check_compatible`
+compares model_type, hidden size, vocabulary and layer count from the config files before any tensor is
+read: `aya-expanse-8b` (Cohere v1) has the same tensor shapes as R7B and would otherwise merge into
+meaningless weights.
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ _ITEMSIZE = {
     "U8": 1,
     "BOOL": 1,
 }
-_TORCH_TO_ST = {
+TORCH_TO_ST = {
     torch.float64: "F64",
     torch.float32: "F32",
     torch.float16: "F16",
@@ -59,15 +66,48 @@ _TORCH_TO_ST = {
 }
 
 
-def lerp(a_mm: torch.Tensor, w_text: torch.Tensor, alpha: float) -> torch.Tensor:
-    """alpha * a_mm + (1 - alpha) * w_text in (at least) fp32, returned in a_mm's dtype.
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+COMPATIBLE_FIELDS = ("model_type", "hidden_size", "vocab_size", "num_hidden_layers")
+
+
+def lerp(
+    a_mm: torch.Tensor, w_text: torch.Tensor, alpha: float, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """alpha * a_mm + (1 - alpha) * w_text in (at least) fp32, returned in `dtype` (default a_mm's).
     Written as the paper's formula, so alpha=0 and alpha=1 reproduce the inputs exactly."""
     if a_mm.shape != w_text.shape:
         raise ValueError(f"shape mismatch: multimodal {tuple(a_mm.shape)} vs text {tuple(w_text.shape)}")
     work = torch.promote_types(a_mm.dtype, torch.float32)
     out = a_mm.to(work) * alpha  # same rounding as the formula, one temporary fewer
     out += w_text.to(work) * (1.0 - alpha)
-    return out.to(a_mm.dtype)
+    return out.to(dtype or a_mm.dtype)
+
+
+def read_config(model_dir: str | os.PathLike) -> dict:
+    p = Path(model_dir) / "config.json"
+    if not p.exists():
+        raise FileNotFoundError(f"{p} not found: a model dir needs its config.json")
+    return json.loads(p.read_text())
+
+
+def check_compatible(vlm_dir: str | os.PathLike, text_dir: str | os.PathLike) -> None:
+    """Refuse two models that are not the same family, naming every mismatch; reads config.json only."""
+    vcfg, tcfg = read_config(vlm_dir), read_config(text_dir)
+    inner = vcfg.get("text_config")
+    if inner is None:
+        raise ValueError(f"{vlm_dir}/config.json has no text_config: not a VLM")
+    if "text_config" in tcfg or "vision_config" in tcfg:
+        raise ValueError(f"{text_dir}/config.json is a multimodal config; the merge needs the text-only LLM")
+    bad = [
+        f"{f}: VLM language model {inner.get(f)!r} vs text model {tcfg.get(f)!r}"
+        for f in COMPATIBLE_FIELDS
+        if inner.get(f) != tcfg.get(f)
+    ]
+    if bad:
+        raise ValueError(
+            f"cannot merge {vlm_dir} with {text_dir}: not the LLM the VLM was initialised from "
+            "(point text_dir at the VLM's own language-model base):\n  " + "\n  ".join(bad)
+        )
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -107,6 +147,7 @@ class TensorSource:
 def plan_merge(vlm: TensorSource, text: TensorSource) -> list[tuple[str, str | None]]:
     """[(vlm_key, text_key or None)] for every VLM tensor; None means copy unchanged. Raises one
     error listing every missing key, unexpected key and shape mismatch."""
+    check_compatible(vlm.dir, text.dir)
     vkeys, tkeys = vlm.keys(), text.keys()
     lay = detect_vlm_layout(vkeys)
     if not is_text_only(tkeys):
@@ -172,13 +213,13 @@ def write_safetensors_streaming(
         f.write(raw)
         for key, dtype, shape in entries:
             t = produce(key)
-            if _TORCH_TO_ST.get(t.dtype) != dtype or tuple(t.shape) != tuple(shape):
+            if TORCH_TO_ST.get(t.dtype) != dtype or tuple(t.shape) != tuple(shape):
                 raise RuntimeError(f"{key}: produced {t.dtype} {tuple(t.shape)}, header says {dtype} {shape}")
             f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
             del t
 
 
-def _shards(entries: list[tuple[str, str, tuple[int, ...]]], max_bytes: int) -> list[list]:
+def shard_entries(entries: list[tuple[str, str, tuple[int, ...]]], max_bytes: int) -> list[list]:
     shards: list[list] = [[]]
     size = 0
     for e in entries:
@@ -191,6 +232,65 @@ def _shards(entries: list[tuple[str, str, tuple[int, ...]]], max_bytes: int) -> 
     return shards
 
 
+def write_sharded(out: Path, entries: list[tuple[str, str, tuple[int, ...]]], produce, max_bytes: int) -> int:
+    """Safetensors shards of at most max_bytes (one file when it fits) plus the index; returns the count.
+    `produce(key)` is called once per key, in `entries` order."""
+    shards = shard_entries(entries, max_bytes)
+    names = (
+        [SINGLE_FILE]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    for name, shard in zip(names, shards):
+        write_safetensors_streaming(out / name, shard, produce)
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(_nbytes(s, d) for _, d, s in entries)},
+            "weight_map": {k: n for n, sh in zip(names, shards) for k, _, _ in sh},
+        }
+        (out / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True))
+    return len(shards)
+
+
+def copy_model_files(src: str | os.PathLike, dst: Path, dtype: str | None = None) -> None:
+    """Config, tokenizer and processor files of a model dir (not its weights or our own reports); the
+    config's dtype is set to what the weights now are."""
+    for p in Path(src).iterdir():
+        if p.is_file() and p.suffix != ".safetensors" and p.name != INDEX_FILE and p.name not in _NOT_COPIED:
+            shutil.copy2(p, dst / p.name)
+    cfg = dst / "config.json"
+    if dtype and cfg.exists():
+        doc = json.loads(cfg.read_text())
+        for holder in (doc, doc.get("text_config") or {}, doc.get("vision_config") or {}):
+            for k in ("dtype", "torch_dtype"):
+                if k in holder:
+                    holder[k] = dtype
+        doc["dtype"] = dtype
+        cfg.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+
+
+class Merge:
+    """Both models opened lazily and paired (after the compatibility checks); `tensor(key, alpha)` is one
+    merged tensor, so a merge can be written (merge_llm) or loaded into a model in memory (the sweep)."""
+
+    def __init__(self, vlm_dir: str | os.PathLike, text_dir: str | os.PathLike, stack: ExitStack, dtype: str):
+        check_compatible(vlm_dir, text_dir)  # config files only, before any tensor file is opened
+        self.vlm, self.text = TensorSource(vlm_dir, stack), TensorSource(text_dir, stack)
+        self.plan = dict(plan_merge(self.vlm, self.text))
+        self.dtype = DTYPES[dtype]
+
+    def out_dtype(self, key: str) -> str:
+        src = self.vlm.dtype(key)
+        return TORCH_TO_ST[self.dtype] if src in ("F64", "F32", "F16", "BF16") else src
+
+    def tensor(self, key: str, alpha: float) -> torch.Tensor:
+        t_key = self.plan[key]
+        v = self.vlm.get(key)
+        if t_key is None:
+            return v.to(self.dtype) if v.is_floating_point() else v
+        return lerp(v, self.text.get(t_key), alpha, self.dtype)
+
+
 def merged_dirname(alpha: float) -> str:
     return f"merged_a{alpha:.2f}"
 
@@ -201,6 +301,7 @@ def merge_llm(
     out_dir: str | os.PathLike,
     alpha: float,
     max_shard_bytes: int = 2 << 30,
+    dtype: str = "bfloat16",
 ) -> Path:
     """Merge the VLM's language model with the text LLM at `alpha` (weight on the VLM) into out_dir:
     sharded safetensors + index (one file when it fits), plus the VLM's config/tokenizer/processor."""
@@ -214,48 +315,24 @@ def merge_llm(
     tmp.mkdir(parents=True)
     try:
         with ExitStack() as stack:
-            vlm, text = TensorSource(vlm_dir, stack), TensorSource(text_dir, stack)
-            plan = dict(plan_merge(vlm, text))
-            entries = [(k, vlm.dtype(k), vlm.shape(k)) for k in vlm.keys()]
-
-            def produce(key: str) -> torch.Tensor:
-                t_key = plan[key]
-                return vlm.get(key) if t_key is None else lerp(vlm.get(key), text.get(t_key), alpha)
-
-            shards = _shards(entries, max_shard_bytes)
-            names = (
-                [SINGLE_FILE]
-                if len(shards) == 1
-                else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-            )
-            for name, shard in zip(names, shards):
-                write_safetensors_streaming(tmp / name, shard, produce)
-            if len(shards) > 1:
-                index = {
-                    "metadata": {"total_size": sum(_nbytes(s, d) for _, d, s in entries)},
-                    "weight_map": {k: n for n, sh in zip(names, shards) for k, _, _ in sh},
-                }
-                (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True))
-            n_merged = sum(1 for t in plan.values() if t is not None)
-        for p in Path(vlm_dir).iterdir():
-            if (
-                p.is_file()
-                and p.suffix != ".safetensors"
-                and p.name != INDEX_FILE
-                and p.name not in _NOT_COPIED
-            ):
-                shutil.copy2(p, tmp / p.name)
+            m = Merge(vlm_dir, text_dir, stack, dtype)
+            entries = [(k, m.out_dtype(k), m.vlm.shape(k)) for k in m.vlm.keys()]
+            n_shards = write_sharded(tmp, entries, lambda key: m.tensor(key, alpha), max_shard_bytes)
+            n_merged = sum(1 for t in m.plan.values() if t is not None)
+            n_total = len(m.plan)
+        copy_model_files(vlm_dir, tmp, dtype)
         (tmp / PROVENANCE_FILE).write_text(
             json.dumps(
                 {
                     "method": "linear",
                     "alpha": alpha,
                     "formula": "alpha * multimodal + (1 - alpha) * text",
+                    "dtype": dtype,
                     "multimodal": str(vlm_dir),
                     "text": str(text_dir),
                     "merged_tensors": n_merged,
-                    "copied_tensors": len(plan) - n_merged,
-                    "shards": len(shards),
+                    "copied_tensors": n_total - n_merged,
+                    "shards": n_shards,
                 },
                 indent=2,
             )
@@ -266,17 +343,3 @@ def merge_llm(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def sweep(
-    vlm_dir: str | os.PathLike,
-    text_dir: str | os.PathLike,
-    out_root: str | os.PathLike,
-    alphas: list[float],
-    max_shard_bytes: int = 2 << 30,
-) -> dict[float, Path]:
-    """One merge per alpha into out_root/merged_aX.XX (paper Fig. 9 sweeps 0.3..1.0)."""
-    return {
-        a: merge_llm(vlm_dir, text_dir, Path(out_root) / merged_dirname(a), a, max_shard_bytes)
-        for a in alphas
-    }
