@@ -8,9 +8,8 @@ STAMP_VLLM := $(VVENV)/.installed
 export BABELSYNTH_VLLM_PYTHON := $(abspath $(VVENV))/bin/python
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
-export PYTHONWARNINGS := ignore
 
-.PHONY: setup demo test test-fast models clean lint ruff postgres
+.PHONY: setup demo test rehearsal test-fast models clean lint ruff postgres chromium stack stack-down stack-status
 
 setup: $(STAMP_MAIN) $(STAMP_VLLM)
 
@@ -37,17 +36,37 @@ models: $(STAMP_MAIN)
 demo: setup
 	$(VENV)/bin/python scripts/demo.py
 
+# A real local Airflow 3 on this machine (no GPU, no Docker): PostgreSQL, api-server, scheduler, dag-processor,
+# triggerer and the tiny vLLM servers, all long-lived on 127.0.0.1 (localstack/). PYTHONWARNINGS is not
+# passed on: the services' logs keep the warnings that matter. Override ports with STACK_ARGS="--api-port 8081".
+stack: setup postgres
+	$(VENV)/bin/python -m localstack up $(STACK_ARGS)
+
+stack-down:
+	$(VENV)/bin/python -m localstack down $(STACK_ARGS)
+
+stack-status:
+	$(VENV)/bin/python -m localstack status $(STACK_ARGS)
+
 # The real-scheduler test starts a private PostgreSQL cluster from the Debian package (installed once).
 postgres:
 	@test -d /usr/lib/postgresql || { apt-get update && apt-get install -y --no-install-recommends postgresql; }
+
+# The report test renders report.html in a real headless browser: Debian's chromium (installed once).
+chromium:
+	@command -v chromium >/dev/null || { apt-get update && apt-get install -y --no-install-recommends chromium; }
 
 # Formatting and lint first: CI runs `make test`, so a file ruff would change fails CI.
 ruff: $(STAMP_MAIN)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
 
-test: setup postgres ruff
+test: setup postgres chromium ruff
 	$(VENV)/bin/python -m pytest -q tests
+
+# configs/production.yaml end to end on CPU with tiny trained models (part of `test`; this runs it alone)
+rehearsal: setup
+	$(VENV)/bin/python -m pytest -q -m rehearsal tests/test_production.py
 
 test-fast: $(STAMP_MAIN)
 	$(VENV)/bin/python -m pytest -q -m "not slow" tests

@@ -100,6 +100,7 @@ def main() -> None:
                 "models.teacher": teacher,
                 "recaption.mode": "report",
                 "recaption.max_tokens": args.max_tokens,
+                "rephrase.max_tokens": None,  # 2 x recaption.max_tokens (never below it)
             },
         )
 

@@ -1,6 +1,12 @@
 """babelsynth_generate: English image-text -> recaption -> judge -> 23-language translation -> rephrase
 -> scores/gates -> sharded Parquet + manifest. Manual runs take params; a nightly schedule regenerates.
 
+plan (logs the cost estimate, refuses a run over the budget cap) -> shard.* -> commit (manifest from the
+shards' metadata, comparison with the previous run and its alarms) -> report (report.html, dataset_card.md)
+-> publish (moves the `latest` pointer and emits the asset unless a `fail` alarm fired) -> retention (a
+teardown: removes runs older than the last K, never the one `latest` names). Failures and alarms go to the
+configured notifiers (operators/notify.py).
+
 Every task writes under <output_uri>/<run_id>/ and skips work whose result exists, so a retry or a
 re-triggered run with the same run id redoes nothing. Manual runs have no logical date in Airflow 3:
 nothing here uses it (outputs are keyed by run id; the asset event records run_after).
@@ -15,6 +21,8 @@ from datetime import datetime, timedelta
 from airflow.sdk import Asset, Param, dag, get_current_context, task, task_group
 
 from operators import tasks
+from operators.boundary import pattern
+from operators.notify import notifiers, notify
 from operators.params import MAX_MAPPED
 from operators.placement import STAGES, load_placement
 from operators.stage import stage_operator
@@ -35,6 +43,19 @@ def _str(description: str) -> Param:
     return Param(None, type=["null", "string"], minLength=1, description=description)
 
 
+def _path(param: str, description: str) -> Param:
+    """A path param: at trigger time only values under the deployment's allowed roots (400 otherwise)."""
+    roots = PLACEMENT.allowed_roots.of(param)
+    where = ", ".join(roots) if roots else "none: set allowed_roots in $BABELSYNTH_AIRFLOW_CONFIG"
+    return Param(
+        None,
+        type=["null", "string"],
+        minLength=1,
+        pattern=pattern(roots),
+        description=f"{description}; allowed under: {where}",
+    )
+
+
 @dag(
     dag_id="babelsynth_generate",
     schedule=_schedule(),
@@ -47,11 +68,23 @@ def _str(description: str) -> Param:
         "retry_delay": timedelta(seconds=10),
         "retry_exponential_backoff": 2.0,
         "max_retry_delay": timedelta(minutes=10),
+        "on_failure_callback": notifiers(),
     },
     params={
-        "config_path": _str("YAML run config; default $BABELSYNTH_CONFIG"),
-        "input_uri": _str("canonical English input Parquet (path or s3://)"),
-        "output_uri": _str("output root (path or s3://); the run writes <output_uri>/<run_id>/"),
+        "config_path": _path("config_path", "YAML run config; default $BABELSYNTH_CONFIG"),
+        "input_uri": _path(
+            "input_uri", "English input: a file, a folder or a glob, local or s3:// (see input_format)"
+        ),
+        "input_format": Param(
+            None,
+            type=["null", "string"],
+            enum=[None, "canonical", "cauldron", "messages", "llava", "webdataset"],
+            description="input adapter (input.format): canonical babelsynth Parquet, HF Parquet in The "
+            "Cauldron's or the chat-messages shape, LLaVA JSON/JSONL, WebDataset tars",
+        ),
+        "output_uri": _path(
+            "output_uri", "output root (path or s3://); the run writes <output_uri>/<run_id>/"
+        ),
         "languages": Param(
             None,
             type=["null", "array"],
@@ -79,8 +112,8 @@ def _str(description: str) -> Param:
         ),
         "teacher_url": _str("OpenAI-compatible /v1 URL of the teacher VLM (vLLM)"),
         "llm_url": _str("OpenAI-compatible /v1 URL of the judge/rephraser LLM (vLLM)"),
-        "translator_path": _str("CTranslate2 NLLB-200 model dir"),
-        "comet_path": _str("COMET (CometKiwi) checkpoint .ckpt"),
+        "translator_path": _path("translator_path", "CTranslate2 NLLB-200 model dir"),
+        "comet_path": _path("comet_path", "COMET (CometKiwi) checkpoint .ckpt"),
     },
     doc_md=__doc__,
 )
@@ -103,19 +136,40 @@ def babelsynth_generate():
             prev = t
         prev >> write(shard)
 
-    @task(outlets=[SHARDS_ASSET])
+    @task
     def commit(params=None) -> dict:
         ctx = get_current_context()
-        out = tasks.commit(params, ctx["run_id"])
+        return tasks.commit(params, ctx["run_id"], ctx["dag"].dag_id)
+
+    @task
+    def report(params=None) -> dict:
+        ctx = get_current_context()
+        return tasks.report(params, ctx["run_id"], ctx["dag"].dag_id)
+
+    @task(outlets=[SHARDS_ASSET])
+    def publish(params=None) -> dict:
+        ctx = get_current_context()
+        out = tasks.publish(params, ctx["run_id"], ctx["dag"].dag_id)
+        if out["warnings"]:
+            notify(ctx, "warned", "; ".join(out["warnings"]))
         run_after = ctx["dag_run"].run_after
         ctx["outlet_events"][SHARDS_ASSET].extra = {
             "manifest_uri": out["manifest_uri"],
+            "latest_uri": out["latest_uri"],
+            "output_uri": out["output_uri"],
             "run_id": out["run_id"],
             "run_after": run_after.isoformat() if run_after else None,
         }
         return out
 
-    per_shard.expand(shard=plan()) >> commit()
+    @task
+    def retention(params=None) -> dict:
+        return tasks.retention(params, get_current_context()["dag"].dag_id)
+
+    # retention is a teardown: it runs every night whatever happened before it (never deleting `latest`),
+    # and the run's state stays that of publish, so a night refused by its alarms shows as failed (a failed
+    # retention shows on its own task and reaches the notifiers)
+    (per_shard.expand(shard=plan()) >> commit() >> report() >> publish() >> retention().as_teardown())
 
 
 babelsynth_generate()

@@ -15,6 +15,7 @@ RUN pip install --no-cache-dir -r requirements/airflow.txt
 COPY dags/ dags/
 COPY operators/ operators/
 COPY configs/airflow.yaml configs/airflow.yaml
+COPY configs/airflow_compose_cpu.yaml configs/airflow_compose_cpu.yaml
 USER 50000
 EXPOSE 8080
 ENTRYPOINT ["airflow"]

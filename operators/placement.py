@@ -2,7 +2,8 @@
 
 The DAG's shape depends on it (which operator each stage task is), so it is deployment config read by the
 DAG processor at parse time from $BABELSYNTH_AIRFLOW_CONFIG (YAML, see configs/airflow.yaml), not a run
-param. Only pyyaml and pydantic are imported: both ship with Airflow, so parsing stays fast.
+param. The same file holds `allowed_roots`, where path params may point (operators/boundary.py).
+Only pyyaml and pydantic are imported: both ship with Airflow, so parsing stays fast.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from operators.boundary import AllowedRoots
 
 STAGES = ("ingest", "recaption", "judge", "translate", "rephrase", "score")
 Where = Literal["worker", "venv", "kubernetes"]
@@ -30,12 +33,43 @@ class VenvSection(_Base):
     python: str = Field("/opt/venv-vllm/bin/python", description="interpreter that runs the stage")
 
 
+class PodVolume(_Base):
+    """A volume every stage pod mounts: a PersistentVolumeClaim or a directory of the node (hostPath)."""
+
+    name: str
+    mount_path: str
+    claim: str | None = Field(None, description="PersistentVolumeClaim name")
+    host_path: str | None = Field(None, description="node directory (created if missing)")
+    read_only: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> PodVolume:
+        if (self.claim is None) == (self.host_path is None):
+            raise ValueError(f"pod volume {self.name!r}: set exactly one of claim or host_path")
+        return self
+
+
+def _default_volumes() -> list[PodVolume]:
+    """Models and the HF cache (COMET's encoder files) read-only from claims; the request cache on the node:
+    SQLite in WAL mode needs a local filesystem, and pods on one node share it."""
+    return [
+        PodVolume(name="models", mount_path="/models", claim="babelsynth-models", read_only=True),
+        PodVolume(name="hf-home", mount_path="/opt/hf-home", claim="babelsynth-hf-home", read_only=True),
+        PodVolume(name="cache", mount_path="/var/cache/babelsynth", host_path="/var/cache/babelsynth"),
+    ]
+
+
 class KubernetesSection(_Base):
-    """KubernetesPodOperator running `babelsynth run-stage ...` in the GPU worker image."""
+    """KubernetesPodOperator running `babelsynth run-stage ...` in the GPU worker image.
+
+    One GPU per pod (`gpus`, the device plugin narrows CUDA_VISIBLE_DEVICES to it); the image's HF_HOME and
+    BABELSYNTH_CACHE_DIR point into `volumes`, and configs/production.yaml's model paths into /models."""
 
     image: str = "babelsynth-worker-gpu:0.1.0"
     namespace: str = "airflow"
-    gpus: int = Field(1, ge=0, description="nvidia.com/gpu limit per pod")
+    gpus: int = Field(
+        1, ge=0, le=1, description="nvidia.com/gpu limit per pod: one per stage task (COMET runs on one)"
+    )
     cpu: str = "4"
     memory: str = "32Gi"
     deferrable: bool = Field(
@@ -50,6 +84,7 @@ class KubernetesSection(_Base):
         default_factory=list, description="k8s secrets exported as env (S3 keys)"
     )
     node_selector: dict[str, str] = Field(default_factory=dict)
+    volumes: list[PodVolume] = Field(default_factory=_default_volumes)
     startup_timeout_seconds: int = Field(
         600, ge=30, description="a pod Pending longer than this fails the try"
     )
@@ -100,6 +135,9 @@ class Placement(_Base):
     venv: VenvSection = VenvSection()
     kubernetes: KubernetesSection = KubernetesSection()
     train: TrainPlacement = TrainPlacement()
+    allowed_roots: AllowedRoots = Field(
+        default_factory=AllowedRoots, description="where path params may point (operators/boundary.py)"
+    )
 
     def where(self, stage: str) -> Where:
         return self.stages.get(stage, "worker")

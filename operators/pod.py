@@ -1,6 +1,10 @@
 """Run a stage in a Kubernetes pod of the GPU worker image: `babelsynth run-stage ...`, the CLI argv a
 worker would run. Imported only when the placement config puts a stage in `kubernetes`.
 
+Volumes (placement `kubernetes.volumes`): models and the Hugging Face cache read-only, the request cache on
+the node. Endpoints reach the pod as `--set models.<role>.base_url=...` (connections or params) or as env
+(`kubernetes.env`); an overridden key's ${ENV} in the config file is never expanded, so a pod needs only one.
+
 Pools: a deferrable pod task waits in the triggerer, and by default deferred tasks hold no pool slot. So
 create the GPU pool with `--include-deferred` (`airflow pools set gpu <N> "GPUs" --include-deferred`),
 otherwise Airflow starts more GPU pods than the pool allows and the surplus sits Pending.
@@ -11,10 +15,11 @@ from __future__ import annotations
 from typing import Any
 
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
-from kubernetes.client import models as k8s
+from kubernetes.client import models as k8s_models
 
 from operators.params import config_path, run_overrides
-from operators.placement import KubernetesSection, stage_argv
+from operators.placement import KubernetesSection, PodVolume, stage_argv
+from operators.tasks import check_paths
 
 
 class BabelsynthPodStageOperator(KubernetesPodOperator):
@@ -33,6 +38,12 @@ class BabelsynthPodStageOperator(KubernetesPodOperator):
             cmds=["babelsynth"],
             container_resources=_resources(limits),
             node_selector=k8s.node_selector or None,
+            volumes=[_volume(v) for v in k8s.volumes] or None,
+            volume_mounts=[
+                k8s_models.V1VolumeMount(name=v.name, mount_path=v.mount_path, read_only=v.read_only)
+                for v in k8s.volumes
+            ]
+            or None,
             env_vars=dict(k8s.env) or None,
             env_from=[_secret_env(s) for s in k8s.env_from_secrets] or None,
             service_account_name=k8s.service_account,
@@ -52,13 +63,23 @@ class BabelsynthPodStageOperator(KubernetesPodOperator):
         return stage_argv(self.stage, int(self.shard), cfg, context["run_id"], over)
 
     def execute(self, context):
+        check_paths(context["params"])  # a path outside the allowed roots fails without retries
         self.arguments = self.argv(context)
         return super().execute(context)
 
 
 def _resources(limits: dict[str, str]):
-    return k8s.V1ResourceRequirements(limits=limits, requests=dict(limits))
+    return k8s_models.V1ResourceRequirements(limits=limits, requests=dict(limits))
 
 
 def _secret_env(name: str):
-    return k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=name))
+    return k8s_models.V1EnvFromSource(secret_ref=k8s_models.V1SecretEnvSource(name=name))
+
+
+def _volume(v: PodVolume):
+    if v.claim is not None:
+        src = k8s_models.V1PersistentVolumeClaimVolumeSource(claim_name=v.claim, read_only=v.read_only)
+        return k8s_models.V1Volume(name=v.name, persistent_volume_claim=src)
+    return k8s_models.V1Volume(
+        name=v.name, host_path=k8s_models.V1HostPathVolumeSource(path=v.host_path, type="DirectoryOrCreate")
+    )

@@ -83,7 +83,9 @@ def run_local(manifest_uri: str, params: dict[str, Any] | None) -> dict:
     launch = prepare(manifest_uri, params)
     cmd = [sys.executable, "-m", "torch.distributed.run", *torchrun_args(launch.nproc, launch.argv)]
     log.info("launching: %s", " ".join(cmd))
-    proc = subprocess.run(cmd, env=dict(os.environ))
+    # the training's logging (INFO progress) goes to the task's stdout: Airflow logs a task's stderr at
+    # error level, and progress is not an error; the failure itself is raised below
+    proc = subprocess.run(cmd, env=dict(os.environ), stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         raise RuntimeError(f"training exited with {proc.returncode} (torchrun, {launch.nproc} processes)")
     return read_summary(launch.out_uri)

@@ -15,6 +15,7 @@ from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperato
 from kubernetes.client import models as k8s
 
 from operators.placement import TrainKubernetesSection
+from operators.tasks import check_paths
 from operators.train_launch import Launch, prepare, read_summary, torchrun_args, train_config
 
 
@@ -86,6 +87,7 @@ class BabelsynthTrainPodOperator(KubernetesPodOperator):
         return launch
 
     def execute(self, context):
+        check_paths(context["params"])  # a path outside the allowed roots fails without retries
         launch = self.launch(context)
         super().execute(context)
         return read_summary(launch.out_uri)

@@ -11,6 +11,7 @@ from typing import Any
 from airflow.providers.standard.operators.python import ExternalPythonOperator
 
 from operators.params import config_path, run_overrides
+from operators.tasks import check_paths
 
 
 def _run_stage_in_venv(config_file: str, overrides: dict, run_key: str, stage: str, shard: int) -> dict:
@@ -35,6 +36,7 @@ class BabelsynthVenvStageOperator(ExternalPythonOperator):
 
     def execute(self, context):
         params = context["params"]
+        check_paths(params)  # before anything runs: a path outside the allowed roots fails without retries
         self.op_kwargs = {
             "config_file": config_path(params),
             "overrides": run_overrides(params),

@@ -1,5 +1,6 @@
 """`make demo`: the whole job on embedded defaults, through real Airflow (dag.test), real vLLM servers,
-real CTranslate2 and COMET on tiny random models built locally. Prints a summary and the output path.
+real CTranslate2 and COMET on tiny random models built locally. Prints a summary, the output path and, last,
+the path of the run's report.html.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ WORK = Path(os.environ.get("BABELSYNTH_WORK", ROOT / ".work" / "demo"))
 os.environ.update(
     BABELSYNTH_WORK=str(WORK),
     BABELSYNTH_MODELS=str(WORK / "models"),
+    HF_HUB_CACHE=str(WORK / "models" / "comet" / "hf_home" / "hub"),  # COMET's encoder config + tokenizer
     BABELSYNTH_CONFIG=str(ROOT / "configs" / "demo.yaml"),
     BABELSYNTH_TRAIN_CONFIG=str(ROOT / "configs" / "train_demo.yaml"),
     AIRFLOW_HOME=str(WORK / "airflow"),
@@ -24,9 +26,15 @@ os.environ.update(
     HF_HUB_OFFLINE="1",
     TRANSFORMERS_OFFLINE="1",
     TOKENIZERS_PARALLELISM="false",
-    PYTHONWARNINGS="ignore",
 )
 sys.path.insert(0, str(ROOT))
+# The demo's deployment: trigger-time path params (the train DAG's manifest_uri) may point into its work dir
+_DEPLOYMENT = WORK / "airflow.yaml"
+_DEPLOYMENT.parent.mkdir(parents=True, exist_ok=True)
+_DEPLOYMENT.write_text(
+    json.dumps({"allowed_roots": {key: [str(WORK)] for key in ("config", "input", "output", "models")}})
+)
+os.environ.setdefault("BABELSYNTH_AIRFLOW_CONFIG", str(_DEPLOYMENT))
 os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
 
 
@@ -54,8 +62,10 @@ def main() -> int:
         models = build_all(WORK / "models")
         print(json.dumps(models, indent=1))
     with step("write sample input", times):
-        n = write_samples(str(WORK / "input" / "samples.parquet"))
-        print(f"{n} English samples (3 deliberately bad) -> {WORK / 'input' / 'samples.parquet'}")
+        n = write_samples(str(WORK / "input" / "samples.parquet"), multi_turn=4)
+        print(
+            f"{n} English samples (4 multi-turn, 3 deliberately bad) -> {WORK / 'input' / 'samples.parquet'}"
+        )
     with step("airflow db migrate", times):
         subprocess.run(
             [str(Path(sys.executable).parent / "airflow"), "db", "migrate"],
@@ -109,6 +119,8 @@ def main() -> int:
         print(f"  {k:<48}{v:8.1f}s")
     print(f"  {'total':<48}{time.perf_counter() - t_all:8.1f}s")
     print(f"\nOUTPUT: {manifest['path']}\nMANIFEST: {manifest_uri}")
+    print(f"DATASET CARD: {storage.join(manifest['path'], manifest['report']['card'])}")
+    print(f"REPORT: {storage.join(manifest['path'], manifest['report']['html'])}")
     return 0
 
 

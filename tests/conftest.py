@@ -1,10 +1,14 @@
 """Session fixtures: tiny models built once (and cached across sessions), real vLLM servers, Airflow env.
 
-The Airflow environment is set before anything imports airflow.
+The Airflow environment is set before anything imports airflow. No warning is silenced here: a safety
+warning (PIL's DecompressionBombWarning) must stay visible; pyproject.toml filters named noisy warnings only.
+The test deployment allows path params under the temp dir, the test work dir and configs/
+(operators/boundary.py); tests of the boundary itself use their own roots.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
@@ -24,9 +28,18 @@ os.environ.update(
     HF_HUB_OFFLINE="1",
     TRANSFORMERS_OFFLINE="1",
     TOKENIZERS_PARALLELISM="false",
-    PYTHONWARNINGS="ignore",
 )
 os.environ.setdefault("BABELSYNTH_VLLM_PYTHON", str(ROOT / ".venv-vllm" / "bin" / "python"))
+# COMET checkpoints name their encoder by hub id; like a production worker, the tests find its config and
+# tokenizer in a Hugging Face cache (the tiny one the `models` fixture builds), offline. Set before any import
+# of huggingface_hub, which reads it once.
+os.environ.setdefault("HF_HUB_CACHE", str(WORK / "models" / "comet" / "hf_home" / "hub"))
+TEST_ROOTS = [tempfile.gettempdir(), str(WORK), str(ROOT / "configs"), "s3://babelsynth"]  # + the moto bucket
+_DEPLOYMENT = Path(_AF_HOME) / "babelsynth-deployment.yaml"
+_DEPLOYMENT.write_text(
+    json.dumps({"allowed_roots": dict.fromkeys(("config", "input", "output", "models"), TEST_ROOTS)})
+)
+os.environ.setdefault("BABELSYNTH_AIRFLOW_CONFIG", str(_DEPLOYMENT))
 sys.path.insert(0, str(ROOT))
 
 

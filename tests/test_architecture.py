@@ -10,9 +10,18 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-INTERNAL = ("babelsynth", "operators", "tinymodels")
+INTERNAL = ("babelsynth", "operators", "tinymodels", "localstack")
 # Where layout.py's helpers are the only way into a run's files; tests and benchmarks count too.
-CHECKED_DIRS = ("src/babelsynth", "operators", "dags", "scripts", "benchmarks", "tests", "tinymodels")
+CHECKED_DIRS = (
+    "src/babelsynth",
+    "operators",
+    "dags",
+    "scripts",
+    "benchmarks",
+    "tests",
+    "tinymodels",
+    "localstack",
+)
 
 
 def _module_name(path: Path) -> str:
@@ -27,7 +36,7 @@ def _files(*dirs: str) -> list[Path]:
     return sorted(p for d in dirs if (ROOT / d).exists() for p in (ROOT / d).rglob("*.py"))
 
 
-MODULES = {_module_name(p): p for p in _files("src/babelsynth", "operators", "tinymodels")}
+MODULES = {_module_name(p): p for p in _files("src/babelsynth", "operators", "tinymodels", "localstack")}
 
 
 def _is_type_checking(node: ast.If) -> bool:

@@ -47,10 +47,24 @@ def test_generation_dag_shape(bag):
     ids = set(dag.task_ids)
     for stage in ("ingest", "recaption", "judge", "translate", "rephrase", "score", "write"):
         assert f"shard.{stage}" in ids
-    assert {"plan", "commit"} <= ids
+    assert {"plan", "commit", "report", "publish", "retention"} <= ids
     assert dag.catchup is False
-    commit = dag.get_task("commit")
-    assert [o.name for o in commit.outlets] == ["babelsynth_shards"]
+    # the asset (what triggers training) is emitted by publish, i.e. only by a run that passed its alarms
+    assert [o.name for o in dag.get_task("publish").outlets] == ["babelsynth_shards"]
+    assert dag.get_task("commit").outlets == []
+    assert dag.get_task("report").upstream_task_ids == {"commit"}  # commit reads metadata, report the data
+    assert dag.get_task("publish").upstream_task_ids == {"report"}
+    assert dag.get_task("retention").upstream_task_ids == {"publish"}
+    retention = dag.get_task("retention")  # runs whatever happened, and leaves the run's state to publish
+    assert retention.is_teardown and retention.trigger_rule == "all_done_setup_success"
+    assert not retention.on_failure_fail_dagrun  # else publish would stop being the run's leaf
+
+
+def test_training_starts_unpaused_generation_keeps_the_deployment_default(bag):
+    """Paused, the Asset-scheduled training would silently never run; unpausing the generation DAG starts
+    its nightly schedule, so that stays the deployer's decision (docs/airflow.md: Unpausing)."""
+    assert bag.dags["babelsynth_train"].is_paused_upon_creation is False
+    assert bag.dags["babelsynth_generate"].is_paused_upon_creation is None
 
 
 def test_training_dag_is_scheduled_on_the_shards_asset(bag):
@@ -73,7 +87,7 @@ mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
 dt = time.perf_counter() - t0
 print(json.dumps({{"seconds": dt, "heavy": [m for m in {HEAVY!r} if m in sys.modules]}}))
 """
-    env = {"PYTHONWARNINGS": "ignore", "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "PATH": "/usr/bin:/bin"}
+    env = {"AIRFLOW__CORE__LOAD_EXAMPLES": "False", "PATH": "/usr/bin:/bin"}
 
     env["AIRFLOW_HOME"] = os.environ["AIRFLOW_HOME"]
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
@@ -155,7 +169,7 @@ def test_placement_config_puts_stages_in_pods_and_venvs(tmp_path):
     conf.write_text(
         (ROOT / "configs" / "airflow.yaml").read_text().replace("recaption: worker", "recaption: venv")
     )
-    env = {**os.environ, "BABELSYNTH_AIRFLOW_CONFIG": str(conf), "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "BABELSYNTH_AIRFLOW_CONFIG": str(conf)}
     code = PLACEMENT_PROBE.format(root=str(ROOT), dags=str(ROOT / "dags"))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=180)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -188,7 +202,7 @@ current-context: none
 """
 
 
-def test_pod_runs_the_cli_argv_a_worker_would_run(tmp_path, sample_input, monkeypatch):
+def test_pod_runs_the_cli_argv_a_worker_would_run(tmp_path, sample_input, models, monkeypatch):
     """The pod spec (GPU limit, image, `babelsynth run-stage ...`) is built without a cluster; running its
     argv through the real CLI gives the stage result the in-worker path gives."""
     import gzip
@@ -200,7 +214,7 @@ def test_pod_runs_the_cli_argv_a_worker_would_run(tmp_path, sample_input, monkey
     (tmp_path / "kubeconfig").write_text(KUBECONFIG)  # never contacted: only read to build the pod object
     for k, v in {
         "BABELSYNTH_WORK": str(tmp_path),
-        "BABELSYNTH_MODELS": str(tmp_path / "models"),
+        "BABELSYNTH_MODELS": str(Path(models["nllb_ct2"]).parents[1]),  # plan checks the model files exist
         "BABELSYNTH_CONFIG": str(ROOT / "configs" / "demo.yaml"),
     }.items():
         monkeypatch.setenv(k, v)
@@ -243,16 +257,18 @@ def test_pod_runs_the_cli_argv_a_worker_would_run(tmp_path, sample_input, monkey
     assert rows(str(tmp_path / "pod" / safe)) == rows(str(tmp_path / "worker" / safe))
 
 
-def test_fan_out_is_clamped_to_the_mapping_bound_whatever_the_config(tmp_path, monkeypatch):
+def test_fan_out_is_clamped_to_the_mapping_bound_whatever_the_config(tmp_path, models, monkeypatch):
     """A config allowing 1000 shards still maps at most 256 tasks per stage (shards grow instead)."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from babelsynth.schema import to_table
     from operators import params, tasks
 
     src = tmp_path / "in.parquet"
-    pq.write_table(pa.table({"n": list(range(600))}), src)  # plan reads only the row count
-    for k, v in {"BABELSYNTH_WORK": str(tmp_path), "BABELSYNTH_MODELS": str(tmp_path / "models")}.items():
+    rows = [{"source_id": f"s{i}", "task_type": "vqa", "conversation": [], "images": []} for i in range(600)]
+    pq.write_table(to_table("input", [{**r, "source": ""} for r in rows]), src)  # plan: footer + ids only
+    models_root = str(Path(models["nllb_ct2"]).parents[1])  # plan checks the model files exist
+    for k, v in {"BABELSYNTH_WORK": str(tmp_path), "BABELSYNTH_MODELS": models_root}.items():
         monkeypatch.setenv(k, v)
     cfg = tmp_path / "wide.yaml"
     cfg.write_text(

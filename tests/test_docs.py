@@ -13,6 +13,7 @@ DOCS = [
 ]
 TOP = (
     "src|tests|operators|dags|configs|docker|scripts|benchmarks|schemas|prompts|requirements|docs|tinymodels"
+    "|localstack"
 )
 PATH = re.compile(rf"`((?:{TOP})/[A-Za-z0-9_./-]+)`")
 

@@ -7,6 +7,10 @@ files hold 12 hand-written sentences per language, parallel to English.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +19,7 @@ from babelsynth import metrics
 from babelsynth.config import load_config
 from babelsynth.languages import AYA_TARGETS, SOURCE_LANG
 from babelsynth.stages.score import apply_gates, comet_thresholds, gate_results, quantile
+from tests.conftest import ROOT
 from tinymodels.corpus import CORPUS_DIR as CORPUS
 
 # One more hand-written sentence per language: "The train to the city leaves every hour from platform two."
@@ -306,13 +311,14 @@ def test_language_summary_has_the_papers_shape_and_gate_pass_rates(cfg):
 
 
 # ------------------------------------------------------------------------------------------------ regate
+# Regate re-applies gates to stored scores: no model and no scoring library loads. lexicalrichness is not
+# here because the re-commit writes report.html, which measures the English MTLD before/after recaption.
 _MODEL_MODULES = (
     "torch",
     "comet",
     "ctranslate2",
     "transformers",
     "lingua",
-    "lexicalrichness",
     "icu4py",
     "httpx",
 )
@@ -502,3 +508,57 @@ def test_regate_refuses_a_config_that_changes_more_than_gates(finished_run):
     other.score.selection_margin = 0.5
     with pytest.raises(ValueError, match=r"score\.selection_margin"):
         regate(other, "regate-test")
+
+
+def test_language_id_gives_the_same_answer_every_time():
+    """lingua sums in hash-map order (last bits vary per call): a rerun must not change a gate's input."""
+    texts = [
+        "Het antwoord is 東京タワー (Tokyo Tower), 333 m hoog.",
+        "Die Katze sitzt auf der Matte und schläft.",
+        "Кошка сидит на коврике, а собака спит рядом.",
+        "La réponse est dans le tableau : 42 %.",
+        "Kedi paspasın üzerinde oturuyor ve uyuyor.",
+    ]
+    langs = ["nld_Latn", "deu_Latn", "rus_Cyrl", "fra_Latn", "tur_Latn"]
+    cands = metrics.langid_candidates(langs)
+    first = metrics.langid(texts, langs, cands)
+    assert all(metrics.langid(texts, langs, cands) == first for _ in range(30))
+
+
+_DEGENERATE_LANGID = """
+import json, random, sys
+from babelsynth import metrics
+from babelsynth.languages import AYA_TARGETS
+rng = random.Random(0)
+pools = ["abcdežřšüéß", "λδσηθω", "КДЯвашуж", "कनटबम", "קבטעש", "شطقكم", "東京停在鲜の気を", "저를은한"]
+def word(mix):  # what a random model writes: words from many alphabets, some mixing them
+    ps = rng.sample(pools, 2) if rng.random() < mix else [rng.choice(pools)]
+    return "".join(rng.choice("".join(ps)) for _ in range(rng.randint(1, 8)))
+texts = []
+for _ in range(int(sys.argv[1])):
+    mix = rng.choice((0.0, 0.1, 0.3, 0.6))
+    texts.append(" ".join(word(mix) for _ in range(rng.randint(2, 12))))
+langs = [rng.choice(sorted(AYA_TARGETS)) for _ in texts]
+print(json.dumps(metrics.langid(texts, langs, metrics.langid_candidates(langs))))
+"""
+
+
+def test_language_id_of_degenerate_text_is_the_same_in_every_process():
+    """lingua breaks ties between alphabets in hash-map order, random per process: on text mixing alphabets
+    (what a bad model writes) its answer changed between a run and its retry (CI saw a resumed run commit a
+    different English shard). Four processes must agree on 300 such texts."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    outs = {
+        subprocess.run(
+            [sys.executable, "-c", _DEGENERATE_LANGID, "300"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for _ in range(4)
+    }
+    assert len(outs) == 1
+    found = json.loads(outs.pop())
+    degenerate = sum(x == [None, 0.0] for x in found)  # no language, confidence 0
+    assert 0 < degenerate < len(found) - 20  # and lingua answered the same on the others

@@ -5,6 +5,8 @@ One run is shared by the module; each test checks one promise about it.
 
 import hashlib
 import json
+from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ from babelsynth import runner, storage
 from babelsynth.languages import AYA_TARGETS, SOURCE_LANG
 from babelsynth.layout import RunLayout
 from babelsynth.schema import arrow_schema
+from babelsynth.stages import BY_NAME
 from tests.conftest import make_config
 
 pytestmark = pytest.mark.slow
@@ -74,18 +77,52 @@ def test_files_match_manifest_checksums_and_schema(run):
 
 
 def test_images_are_content_addressed_and_complete(run):
+    """Each write task stores the images of its shard's kept samples, each once by content id; the
+    manifest's image_index says which file holds a shard's images; commit copied no image byte."""
     _, m = run
     import duckdb
 
     root = m["path"]
     con = duckdb.connect()
-    ids = con.execute(f"SELECT image_id, image FROM read_parquet('{root}/images/*.parquet')").fetchall()
-    assert len(ids) == len({i for i, _ in ids}) == m["images"]
-    assert all(hashlib.sha256(b).hexdigest() == i for i, b in ids)
-    missing = con.execute(f"""
-        SELECT count(*) FROM (SELECT unnest(image_ids) AS id FROM read_parquet('{root}/samples/*/*.parquet'))
-        WHERE id NOT IN (SELECT image_id FROM read_parquet('{root}/images/*.parquet'))""").fetchone()[0]
-    assert missing == 0
+    parts = m["image_index"]["parts"]
+    assert m["image_index"]["by"] == "shard" and sorted(parts, key=int) == [
+        str(s) for s in range(m["shards"])
+    ]
+    total = 0
+    for shard, part in parts.items():
+        ids = con.execute(f"SELECT image_id, image FROM read_parquet('{root}/{part}')").fetchall()
+        assert len(ids) == len({i for i, _ in ids})  # each image once per shard
+        assert all(hashlib.sha256(b).hexdigest() == i for i, b in ids)
+        samples = f"read_parquet('{root}/samples/*/*.parquet')"
+        missing = con.execute(f"""
+            SELECT count(*) FROM (SELECT unnest(image_ids) AS id FROM {samples} WHERE shard = {shard})
+            WHERE id NOT IN (SELECT image_id FROM read_parquet('{root}/{part}'))""").fetchone()
+        assert missing[0] == 0
+        total += len(ids)
+    assert total == m["images"]
+
+
+def test_commit_reads_write_markers_not_images_or_sample_rows(run, tmp_path):
+    """Commit's cost grows with the number of files, not with data volume: on a copy of the run whose
+    image artifacts are gone and whose written Parquet files (samples, images) are unreadable, a
+    re-commit (manifest removed) still publishes the same files, counts and image index; the report, which
+    reads them, is the step after commit."""
+    import shutil
+
+    cfg, m = run
+    root = Path(m["path"])
+    copy = tmp_path / "out" / root.name
+    shutil.copytree(root, copy)
+    for p in (copy / "_stages").rglob("images-shard=*.parquet"):
+        p.unlink()
+    for f in m["files"]:
+        if f["table"] in ("samples", "images"):
+            (copy / f["path"]).write_bytes(b"not parquet: commit must not read this")
+    (copy / "manifest.json").unlink()
+    again = runner.commit(cfg.model_copy(update={"output_uri": str(tmp_path / "out")}), m["run_id"])
+    for key in ("samples_by_lang", "images", "image_index", "rejected_total", "reconciliation"):
+        assert again[key] == m[key], key
+    assert [f["path"] for f in again["files"]] == [f["path"] for f in m["files"]]
 
 
 def test_opens_in_pyarrow_duckdb_and_hf_datasets(run):
@@ -127,13 +164,30 @@ def test_translated_rows_keep_provenance(run):
             assert tr == "tiny-nllb-200"
 
 
-def test_rerun_is_idempotent_and_makes_no_model_call(run, vllm_servers):
+def test_rerun_is_idempotent_and_makes_no_model_call(run, vllm_servers, monkeypatch):
     cfg, m = run
     before = {f["path"]: f["sha256"] for f in m["files"]}
-    # a re-triggered run with the same id: everything is skipped
-    assert runner.run_all(cfg, m["run_id"])["files"] == m["files"]
+    # a crash before the manifest was written, then the same run id triggered again: every stage of every
+    # shard is skipped (no stage function runs), and the same files are committed again
+    calls: Counter = Counter()
+    for name, stage in list(BY_NAME.items()):
+
+        def counted(ctx, rows, _fn=stage.fn, _name=name):
+            calls[_name] += 1
+            return _fn(ctx, rows)
+
+        monkeypatch.setitem(BY_NAME, name, replace(stage, fn=counted))
+    lay = runner.layout(cfg, m["run_id"])
+    Path(lay.manifest_uri).unlink()
+    again = runner.run_all(cfg, m["run_id"])
+    assert sum(calls.values()) == 0, calls
+    assert {f["path"]: f["sha256"] for f in again["files"]} == before
+    assert {
+        f["path"]: hashlib.sha256(Path(m["path"], f["path"]).read_bytes()).hexdigest() for f in m["files"]
+    } == before
     # a fresh run id recomputes from the cache: same content, no request reaches a server
     m2 = runner.run_all(cfg, "rerun")
+    assert calls == {name: m["shards"] for name in BY_NAME}  # this time every stage ran
     after = {f["path"]: f["sha256"] for f in m2["files"]}
     images = lambda files: {p: h for p, h in files.items() if p.startswith("images/")}  # noqa: E731
     assert images(before) == images(after)

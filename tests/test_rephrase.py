@@ -224,3 +224,13 @@ def test_selection_keeps_rephrase_unless_worse_by_more_than_margin(models, score
                 for o, r in zip(out, rows)
                 if r["rephrase_answer"] or r["rephrase_prompt"]
             )
+
+
+def test_token_budget_grows_with_the_text_and_never_passes_max_tokens():
+    from babelsynth.stages.rephrase import BUDGET_FLOOR, token_budget
+
+    assert token_budget(2048, 2.0, "", "") == BUDGET_FLOOR  # tags and a short answer always fit
+    assert token_budget(2048, 2.0, "a" * 100, "b" * 40) == 200 + BUDGET_FLOOR  # the longer text counts
+    assert token_budget(2048, 2.0, "a" * 40, "東" * 100) == 200 + BUDGET_FLOOR
+    assert token_budget(2048, 2.0, "a" * 5000, "b") == 2048
+    assert token_budget(2048, None, "a", "b") == 2048

@@ -202,7 +202,11 @@ def test_recaption_and_judge_on_vllm_server_then_rerun_makes_no_request(
             vllm_servers["llm"].url,
             teacher_input,
             tmp_path,
-            **{"models.teacher.image_max_side": 64, "recaption.mode": "report"},
+            **{
+                "models.teacher.image_max_side": 64,
+                "models.teacher.image_max_side_by_task": {},  # one limit for every task type here
+                "recaption.mode": "report",
+            },
         )
         st = _run(cfg, "teacher-1")
         rec, jud = st["recaption"], st["judge"]

@@ -29,6 +29,7 @@ from babelsynth.train.config import MixtureConfig, PhaseConfig, Phases, Resource
 from babelsynth.train.data import (
     IGNORE_INDEX,
     BatchStream,
+    Example,
     MixtureStream,
     RunData,
     collate,
@@ -186,6 +187,25 @@ def test_stream_state_resumes_exactly(run_root, processor):
     assert [[r.sample_ids for r in b.next_rows()] for _ in range(4)] == want
 
 
+def test_row_order_depends_on_the_run_not_on_where_it_lives(run_root, tmp_path):
+    """The shuffle is seeded by the manifest's relative paths, so a run copied elsewhere (another tmp
+    dir, another bucket) trains on the same rows in the same order (found when the draw order, seeded
+    by absolute paths, changed with pytest's tmp dir number)."""
+    import shutil
+
+    def order(root: str) -> list[str]:
+        data = RunData(root)
+        stream = MixtureStream(
+            data, lambda row: Example([0], [0], [0], None, [row["sample_id"]]), MixtureConfig(), 5, 0.1
+        )
+        return [stream.next().sample_ids[0] for _ in range(40)]
+
+    copy = tmp_path / "somewhere" / "else"
+    shutil.copytree(run_root, copy)
+    assert order(str(copy)) == order(run_root)
+    assert len(set(order(run_root))) > 10  # rows are really drawn, not one row repeated
+
+
 def test_loss_mask_covers_only_assistant_tokens(processor):
     from PIL import Image
 
@@ -241,10 +261,13 @@ def test_chunked_loss_equals_full_logits_loss_and_gradients(tiny, run_root, proc
 
     batch = _batch(run_root, processor, packed=packed)
     assert "pixel_values" in batch
-    ref_model = AutoModelForImageTextToText.from_pretrained(tiny[0], dtype=torch.float32)
+    # float64 weights: in float32 the summation-order noise on the vision tower's small attention
+    # gradients reaches 1e-5 of their scale, which no tolerance separates from a real error
+    batch["pixel_values"] = batch["pixel_values"].double()
+    ref_model = AutoModelForImageTextToText.from_pretrained(tiny[0], dtype=torch.float64)
     ref, n_ref = _full_logits_loss(ref_model, batch)
     ref.backward()
-    model = AutoModelForImageTextToText.from_pretrained(tiny[0], dtype=torch.float32)
+    model = AutoModelForImageTextToText.from_pretrained(tiny[0], dtype=torch.float64)
     got, n = LossModel(model, chunk_tokens=3)(**batch)
     got.backward()
     assert n == n_ref > 3 * 4
@@ -254,8 +277,8 @@ def test_chunked_loss_equals_full_logits_loss_and_gradients(tiny, run_root, proc
         if grads[name].grad is None:
             assert p.grad is None or not p.grad.any(), name
         else:
-            ref_grad = grads[name].grad  # fp32 summation order differs: compare at the tensor's scale
-            assert (p.grad - ref_grad).abs().max() <= 1e-5 * ref_grad.abs().max() + 1e-6, name
+            ref_grad = grads[name].grad  # both cross-entropies run in fp32: measured <= 3e-7 of scale
+            assert (p.grad - ref_grad).abs().max() <= 2e-6 * ref_grad.abs().max() + 1e-12, name
 
 
 def test_full_vocabulary_logits_are_never_materialised(tiny, run_root, processor):

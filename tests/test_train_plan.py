@@ -225,6 +225,13 @@ def test_cli_plan_prints_the_table_and_exits_by_fit(tmp_path):
     bad = cli("--nproc-per-node", "1")
     assert bad.returncode == 1 and "NO" in bad.stdout and "at least" in bad.stdout
 
+    (
+        vlm / "config.json"
+    ).unlink()  # the model's config.json not downloaded yet: one line, exit 2, no traceback
+    missing = cli()
+    assert missing.returncode == 2, missing.stderr[-2000:]
+    assert "config.json not found" in missing.stderr and "Traceback" not in missing.stderr
+
 
 def _doc_plan(size: str, **resources) -> str:
     from babelsynth.train.run import load_recipe

@@ -2,10 +2,10 @@
 
 A builder's digest covers what can change its output: its config, the source of its own module and of the
 modules it uses (corpus, common, the weight-name mapping for Aya), the corpus text, the versions of the
-libraries it runs, and (COMET only, which stores an absolute path) its final location. So editing the COMET
-builder rebuilds COMET alone. Each model is built into ``root/.<name>.tmp-*``, verified by its builder, and
-renamed into place with a stamp file, so a crash never leaves a valid-looking half model; a file lock
-(``root/.build.lock``) serialises concurrent callers (e.g. pytest-xdist workers).
+libraries it runs, and (for a builder whose output embeds an absolute path, `located`) its final location.
+So editing the COMET builder rebuilds COMET alone. Each model is built into ``root/.<name>.tmp-*``, verified
+by its builder, and renamed into place with a stamp file, so a crash never leaves a valid-looking half model;
+a file lock (``root/.build.lock``) serialises concurrent callers (e.g. pytest-xdist workers).
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from babelsynth import languages, paths, prompts
 from babelsynth.train import weights
-from tinymodels import aya, comet, common, corpus, nllb
+from tinymodels import aya, aya_echo, comet, common, corpus, nllb, nllb_copy
 
 STAMP_FILE = ".babelsynth-stamp.json"
 LOCK_FILE = ".build.lock"
@@ -55,6 +56,13 @@ BUILDERS: tuple[Builder, ...] = (
         lambda tmp, final: nllb.build_nllb(tmp),
     ),
     Builder(
+        "nllb_copy",
+        nllb_copy.NLLB_COPY_CONFIG,
+        (nllb_copy, corpus, common),
+        nllb_copy.DISTRIBUTIONS,
+        lambda tmp, final: nllb_copy.build_nllb_copy(tmp),
+    ),
+    Builder(
         "aya_vision",
         aya.AYA_CONFIG,
         (aya, corpus, common, weights),
@@ -62,12 +70,18 @@ BUILDERS: tuple[Builder, ...] = (
         lambda tmp, final: aya.build_aya_vision(tmp),
     ),
     Builder(
+        "aya_echo",
+        aya_echo.ECHO_CONFIG,
+        (aya_echo, aya, corpus, common, nllb_copy, weights, languages, paths, prompts),
+        aya_echo.DISTRIBUTIONS,
+        lambda tmp, final: aya_echo.build_aya_echo(tmp),
+    ),
+    Builder(
         "comet",
         comet.COMET_CONFIG,
         (comet, corpus, common),
         comet.DISTRIBUTIONS,
-        lambda tmp, final: comet.build_comet(tmp, final_dir=final),
-        located=True,
+        lambda tmp, final: comet.build_comet(tmp),
     ),
 )
 
@@ -152,8 +166,12 @@ def _build_cached(root: Path, builder: Builder, force: bool = False) -> Path:
 def build_all(root: str | os.PathLike, *, force: bool = False) -> dict[str, str]:
     """Build (or reuse) every tiny model under ``root``; return absolute paths.
 
-    Keys: ``nllb_ct2`` (CTranslate2 dir, ``root/nllb/ct2``), ``vlm`` (``root/aya_vision/vlm``), ``llm``
-    (``root/aya_vision/llm``), ``comet`` (``root/comet/cometkiwi/checkpoints/model.ckpt``).
+    Keys: ``nllb_ct2`` (CTranslate2 dir, ``root/nllb/ct2``), ``nllb_copy_ct2`` and
+    ``nllb_copy_ct2_tokenizer_json`` (the copying NLLB, with sentencepiece.bpe.model or tokenizer.json),
+    ``vlm`` (``root/aya_vision/vlm``), ``llm`` (``root/aya_vision/llm``), ``echo_vlm`` and ``echo_llm``
+    (the echo-trained Aya Vision, sharded, and its text twin), ``comet``
+    (``root/comet/cometkiwi/checkpoints/model.ckpt``, naming its encoder by hub id), ``comet_encoder`` (the
+    encoder's files as a dir) and ``comet_hf_home`` (an HF_HOME whose hub cache holds them).
     """
     root = Path(root).resolve()
     with _locked(root):
@@ -162,7 +180,13 @@ def build_all(root: str | os.PathLike, *, force: bool = False) -> dict[str, str]
         built = {b.name: _build_cached(root, b, force) for b in BUILDERS}
     return {
         "nllb_ct2": str(built["nllb"] / "ct2"),
+        "nllb_copy_ct2": str(built["nllb_copy"] / "ct2"),
+        "nllb_copy_ct2_tokenizer_json": str(built["nllb_copy"] / "ct2-tokenizer-json"),
         "vlm": str(built["aya_vision"] / "vlm"),
         "llm": str(built["aya_vision"] / "llm"),
+        "echo_vlm": str(built["aya_echo"] / "vlm"),
+        "echo_llm": str(built["aya_echo"] / "llm"),
         "comet": str(built["comet"] / "cometkiwi" / "checkpoints" / "model.ckpt"),
+        "comet_encoder": str(built["comet"] / "encoder"),
+        "comet_hf_home": str(built["comet"] / "hf_home"),
     }

@@ -6,6 +6,7 @@ A config is YAML; `${ENV}` references in strings are expanded at load; `override
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -31,6 +32,22 @@ TASK_TYPES = (
     "screenshot_code",
 )
 
+# Task types whose images are documents, charts or screenshots: Aya Vision tiles an image into up to 12 crops
+# of 364 px plus a thumbnail, so a page downscaled to 1024 px loses the detail its tiles exist for.
+DOCUMENT_IMAGE_MAX_SIDE = {t: 2048 for t in ("ocr", "chart", "table", "textbook", "screenshot_code")}
+
+
+def check_task_limits(v: dict[str, int]) -> dict[str, int]:
+    unknown = sorted(set(v) - set(TASK_TYPES))
+    if unknown:
+        raise ValueError(
+            f"image_max_side_by_task: unknown task type(s) {unknown}; task types are {TASK_TYPES}"
+        )
+    bad = {k: n for k, n in v.items() if n < 16}
+    if bad:
+        raise ValueError(f"image_max_side_by_task: sides must be >= 16, got {bad}")
+    return v
+
 
 class _Base(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -47,7 +64,17 @@ class OpenAIHTTPBackend(_Base):
     timeout_s: float = Field(120.0, gt=0)
     max_retries: int = Field(4, ge=0, le=20)
     backoff_s: float = Field(0.5, ge=0)
-    image_max_side: int = Field(1024, ge=16)
+    image_max_side: int = Field(1024, ge=16, description="longer image side sent to the model (photos)")
+    image_max_side_by_task: dict[str, int] = Field(
+        default_factory=lambda: dict(DOCUMENT_IMAGE_MAX_SIDE),
+        description="per task type; documents, charts and screenshots keep their tiles' resolution",
+    )
+    revision: str | None = Field(None, description="model revision for the manifest and dataset card")
+
+    @field_validator("image_max_side_by_task")
+    @classmethod
+    def _task_limits(cls, v: dict[str, int]) -> dict[str, int]:
+        return check_task_limits(v)
 
     @model_validator(mode="before")
     @classmethod
@@ -73,22 +100,50 @@ class VLLMOfflineBackend(_Base):
     python: str | None = Field(
         None, description="vLLM venv python; default $BABELSYNTH_VLLM_PYTHON or .venv-vllm"
     )
-    max_model_len: int = Field(4096, ge=64)
+    max_model_len: int | None = Field(
+        None,
+        ge=64,
+        description="None: the model's own context (16k for Aya Vision 8B/32B). A recaption request holds up "
+        "to 2 images (about 2.2k tokens each at 12 tiles + thumbnail), the prompt with its ground truth "
+        "(ingest.max_text_chars / ~3 chars per token) and recaption.max_tokens: size it for that",
+    )
     dtype: str = "auto"
     kv_cache_memory_bytes: int | None = Field(None, ge=1 << 20)
     limit_mm_per_prompt: dict[str, int] = Field(default_factory=lambda: {"image": 2})
     batch_size: int = Field(256, ge=1, description="requests per engine call; results are cached per call")
     engine_args: dict[str, Any] = Field(default_factory=dict, description="more vllm.LLM keyword arguments")
-    image_max_side: int = Field(1024, ge=16)
+    image_max_side: int = Field(1024, ge=16, description="longer image side sent to the model (photos)")
+    image_max_side_by_task: dict[str, int] = Field(
+        default_factory=lambda: dict(DOCUMENT_IMAGE_MAX_SIDE),
+        description="per task type; documents, charts and screenshots keep their tiles' resolution",
+    )
+    revision: str | None = Field(None, description="model revision for the manifest and dataset card")
     startup_timeout_s: float = Field(900.0, gt=0)
+    max_restarts: int = Field(
+        1, ge=0, le=5, description="engine restarts within one task when it dies; then the task fails"
+    )
+
+    @field_validator("image_max_side_by_task")
+    @classmethod
+    def _task_limits(cls, v: dict[str, int]) -> dict[str, int]:
+        return check_task_limits(v)
 
 
 ChatBackendConfig = Annotated[OpenAIHTTPBackend | VLLMOfflineBackend, Field(discriminator="kind")]
 
 
 class CT2NLLBBackend(_Base):
+    """NLLB-200 converted by `ct2-transformers-converter` (docs/real-models.md).
+
+    Device placement: `device_index` pins the GPU; unset, a process that sees one GPU uses it (a pod or a
+    compose service given one device) and a process that sees several claims a free one for its lifetime
+    (babelsynth.gpu), so the tasks of a GPU pool on one host never share cuda:0."""
+
     kind: Literal["ct2_nllb"] = "ct2_nllb"
-    path: str = Field(description="CTranslate2 NLLB dir holding sentencepiece.bpe.model")
+    path: str = Field(
+        description="CTranslate2 NLLB dir: model.bin + shared_vocabulary.json and the tokenizer, "
+        "sentencepiece.bpe.model or else tokenizer.json"
+    )
     model_id: str | None = Field(
         None, description="id recorded in outputs and cache keys; defaults to the dir name"
     )
@@ -110,24 +165,52 @@ class CT2NLLBBackend(_Base):
         ]
         | None
     ) = Field(None, description="default: int8_float16 on CUDA, int8 on CPU")
+    device_index: int | None = Field(None, ge=0, description="CUDA device; unset: see the class docstring")
     beam_size: int = Field(4, ge=1, le=16)
     max_batch_tokens: int = Field(
         4096, ge=64, description="translate_batch max_batch_size with batch_type=tokens"
     )
     max_input_tokens: int = Field(
-        200, ge=8, le=1024, description="longer segments are split, never truncated"
+        128, ge=8, le=1024, description="longer segments are split at clause or word ends, never truncated"
     )
-    max_decoding_length: int = Field(256, ge=8, description="an output reaching it is flagged as truncated")
+    max_decoding_length: int = Field(
+        384,
+        ge=8,
+        description="an output reaching it is flagged as truncated; Greek, Devanagari, Arabic and Hebrew "
+        "targets take up to ~2x the English token count, so keep it >= 2.5 x max_input_tokens",
+    )
     inter_threads: int = Field(1, ge=1)
+    revision: str | None = Field(None, description="model revision for the manifest and dataset card")
     intra_threads: int = Field(1, ge=0, description="1 per engine is fastest on a small CPU box")
 
 
 class CometBackend(_Base):
+    """A COMET checkpoint in the hub layout (<repo>/checkpoints/model.ckpt + <repo>/hparams.yaml).
+
+    The checkpoint names its encoder by hub id (`microsoft/infoxlm-large` for wmt22-cometkiwi-da); only the
+    encoder's config and tokenizer are read (the weights are in the checkpoint), offline: from `encoder_path`
+    when set, else from the Hugging Face cache ($HF_HOME/hub). docs/real-models.md says what to download."""
+
     kind: Literal["comet"] = "comet"
     path: str = Field(description="local COMET checkpoint (.ckpt); never fetched from a hub")
     model_id: str | None = None
+    encoder_path: str | None = Field(
+        None, description="local dir with the encoder's config.json and tokenizer; default: the HF cache"
+    )
     batch_size: int = Field(32, ge=1)
-    gpus: int | None = Field(None, description="None: 1 if CUDA is available else 0")
+    gpus: int | None = Field(None, ge=0, description="0 or 1; None: 1 if CUDA is available else 0")
+    revision: str | None = Field(None, description="model revision for the manifest and dataset card")
+    device_index: int | None = Field(None, ge=0, description="CUDA device; unset: as the translator's")
+
+    @field_validator("gpus")
+    @classmethod
+    def _one_device(cls, v: int | None) -> int | None:
+        if v is not None and v > 1:
+            raise ValueError(
+                f"models.comet.gpus={v}: COMET on more than one GPU runs DDP, which ends its non-zero ranks "
+                "with exit() inside the task; set 1 and scale with more score tasks (one GPU each)"
+            )
+        return v
 
 
 class ModelsConfig(_Base):
@@ -146,6 +229,16 @@ class RunSection(_Base):
     language_ratios: dict[str, float] = Field(default_factory=dict)
     seed: int = 0
     limit: int | None = Field(None, ge=1, description="use only the first N input records")
+    max_error_rate: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="a stage whose rows end in request errors (a server refusing single requests) above this "
+        "share fails its task instead of writing them as rejects",
+    )
+    min_errors_to_fail: int = Field(
+        3, ge=1, description="...and at least this many: one refused record never fails a small shard"
+    )
 
     @field_validator("languages")
     @classmethod
@@ -161,10 +254,60 @@ class RunSection(_Base):
         return self
 
 
+class InputSection(_Base):
+    """How `input_uri` is read: which adapter (src/babelsynth/inputs/) turns its records into samples."""
+
+    format: Literal["canonical", "cauldron", "messages", "llava", "webdataset"] = Field(
+        "canonical",
+        description="canonical: schemas/input.v2.yaml (or v1) Parquet; cauldron: HF Parquet with images + "
+        "texts[{user, assistant, source}]; messages: HF Parquet with messages + images (TRL/LLaVA SFT sets); "
+        "llava: LLaVA JSON/JSONL with conversations and image paths; webdataset: tar shards",
+    )
+    image_root: str | None = Field(
+        None, description="llava: the folder image paths are relative to; default: the JSON file's folder"
+    )
+    task_type: str = Field("vqa", description="task type of records whose format carries none")
+    task_types: dict[str, str] = Field(
+        default_factory=dict, description="task type per record `source` (e.g. a Cauldron subset name)"
+    )
+    caption_prompt: str = Field(
+        "Describe the image.", min_length=1, description="webdataset: the user turn of a bare caption (.txt)"
+    )
+
+    @model_validator(mode="after")
+    def _task_types(self) -> InputSection:
+        for where, t in [("input.task_type", self.task_type)] + [
+            (f"input.task_types[{k}]", v) for k, v in self.task_types.items()
+        ]:
+            if t not in TASK_TYPES:
+                raise ValueError(f"{where} is {t!r}; task types are {TASK_TYPES}")
+        return self
+
+
+ImageFormat = Literal["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"]
+
+
 class IngestSection(_Base):
-    """Validation of raw records; a record that fails goes to quarantine with its reason."""
+    """Validation of raw records (babelsynth/validate.py); a record that fails goes to quarantine with its
+    reason. Every limit is a reject reason of its own."""
 
     max_text_chars: int = Field(8000, ge=16)
+    control_chars: Literal["strip", "reject"] = Field(
+        "strip", description="C0/C1 controls, ANSI escapes, bidi overrides: removed, or the record rejected"
+    )
+    prompt_injection: Literal["reject", "off"] = Field(
+        "reject", description="text that tries to instruct the teacher or the judge (chat tokens, our tags)"
+    )
+    image_formats: list[ImageFormat] = Field(
+        default_factory=lambda: ["JPEG", "PNG", "WEBP", "GIF"], min_length=1, description="allow-list"
+    )
+    max_images: int = Field(2, ge=1, le=16, description="images per record")
+    max_image_bytes: int = Field(20 << 20, ge=1024)
+    max_image_pixels: int = Field(
+        50_000_000, ge=64, le=1 << 31, description="width x height, checked from the header before decoding"
+    )
+    min_image_side: int = Field(8, ge=1)
+    max_aspect_ratio: float = Field(50.0, ge=1)
 
 
 class RecaptionSection(_Base):
@@ -202,7 +345,19 @@ class TranslateSection(_Base):
 
 class RephraseSection(_Base):
     enabled: bool = True
-    max_tokens: int = Field(512, ge=1)
+    max_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="None: 2 x recaption.max_tokens (a translation of the longest answer takes more "
+        "tokens than the English); never below recaption.max_tokens, or long answers keep the draft",
+    )
+    tokens_per_char: float | None = Field(
+        2.0,
+        gt=0,
+        description="a request's max_tokens is at most this many tokens per character of the longer of "
+        "source and draft, plus 64: an answer that long is a loop (it keeps the draft, as truncated) and "
+        "would hold a server slot up to max_tokens; None: max_tokens only",
+    )
     temperature: float = Field(0.3, ge=0)
     seed: int = 0
     prompt_version: int = 1
@@ -321,6 +476,126 @@ class ScoreSection(_Base):
     gates: GatesSection = GatesSection()
 
 
+# ------------------------------------------------------------------ run-level sections (no stage's output)
+class Throughput(_Base):
+    """Per-GPU speed of one engine, as the estimate divides work by it. `source` says where it comes from."""
+
+    unit: Literal["output_tokens", "pairs"]
+    per_second: float = Field(gt=0)
+    gpus_per_replica: int = Field(1, ge=1, description="GPUs one replica holds (tensor parallel size)")
+    source: str = Field(description="the published benchmark (or measurement) behind per_second")
+
+
+_DATATROVE = (
+    "vLLM 0.15 offline, Qwen3-8B on one H100 80GB, baseline: 6338 output tok/s "
+    "(github.com/huggingface/datatrove/blob/main/examples/inference/benchmark/README.md); text-only 8B: "
+    "image prefill and larger models are slower, replace with your measurement"
+)
+
+
+class ThroughputSection(_Base):
+    teacher: Throughput = Throughput(unit="output_tokens", per_second=6338.0, source=_DATATROVE)
+    judge: Throughput = Throughput(unit="output_tokens", per_second=6338.0, source=_DATATROVE)
+    rephraser: Throughput = Throughput(unit="output_tokens", per_second=6338.0, source=_DATATROVE)
+    translator: Throughput = Throughput(
+        unit="output_tokens",
+        per_second=4927.5,
+        source="CTranslate2 NLLB, batch 64: 197.1 sentences/s (github.com/OpenNMT/CTranslate2/issues/1140; "
+        "model size and GPU not stated there) x 25 tokens per sentence (our assumption): replace with your "
+        "measurement",
+    )
+    comet: Throughput = Throughput(
+        unit="pairs",
+        per_second=1000.0,
+        source="ASSUMPTION, no published GPU figure for CometKiwi (github.com/Unbabel/COMET/issues/5 reports "
+        "400 segments in 30-40 min on CPU): replace with your measurement",
+    )
+
+
+class EstimateSection(_Base):
+    """`babelsynth estimate` and the plan's budget check: tokens, model calls and GPU-hours per stage from a
+    sample of the input, before any model call. Defaults are the paper's averages (arXiv 2505.08751)."""
+
+    sample_records: int = Field(256, ge=1, description="input records read (evenly spaced) to estimate from")
+    chars_per_token: float = Field(4.0, gt=0, description="tokens of a text = ceil(chars / chars_per_token)")
+    image_tokens: int = Field(
+        2197, ge=0, description="prompt tokens per image (Aya Vision 8B: up to 13 tiles x 169)"
+    )
+    recaption_tokens: float = Field(
+        140.8, gt=0, description="expected recaption length in tokens (paper 2.2: 27.2 -> 140.8)"
+    )
+    judge_keep: float = Field(0.968, ge=0, le=1, description="share passing the judge (paper: 3.2% flagged)")
+    throughput: ThroughputSection = ThroughputSection()
+    gpu_hour_price: float | None = Field(None, ge=0, description="price of one GPU-hour (any currency)")
+    max_gpu_hours: float | None = Field(None, gt=0, description="budget cap: plan refuses a larger run")
+    max_cost: float | None = Field(None, gt=0, description="budget cap in gpu_hour_price units")
+
+    @model_validator(mode="after")
+    def _cost_needs_price(self) -> EstimateSection:
+        if self.max_cost is not None and self.gpu_hour_price is None:
+            raise ValueError("estimate.max_cost needs estimate.gpu_hour_price (the price of one GPU-hour)")
+        return self
+
+
+GATE_NAMES = tuple(GatesSection.model_fields)
+ALARM_METRICS = ("rows", "kept_share", "comet_final", "mtld", *(f"pass_rate.{g}" for g in GATE_NAMES))
+
+
+class Alarm(_Base):
+    """One rule on a per-language metric of a committed run: fires when the metric drops by more than
+    max_drop (absolute) or max_drop_relative (share of the previous run's value), or falls below min."""
+
+    metric: str = Field(description=f"one of {ALARM_METRICS}")
+    lang: str = Field("*", description="'*': every language on its own; 'all': the run as a whole; or a code")
+    max_drop: float | None = Field(None, ge=0)
+    max_drop_relative: float | None = Field(None, ge=0, le=1)
+    min: float | None = None
+    action: Literal["warn", "fail"] = "warn"
+
+    @model_validator(mode="after")
+    def _rule(self) -> Alarm:
+        if self.metric not in ALARM_METRICS:
+            raise ValueError(f"nightly.alarms: unknown metric {self.metric!r}; metrics are {ALARM_METRICS}")
+        if self.max_drop is None and self.max_drop_relative is None and self.min is None:
+            raise ValueError(
+                f"nightly.alarms ({self.metric}): set max_drop, max_drop_relative or min, else it never fires"
+            )
+        if self.lang not in ("*", "all"):
+            validate_codes([self.lang])
+        return self
+
+
+class NightlySection(_Base):
+    """Living with a nightly schedule: comparison with the previous committed run, alarms, the `latest`
+    pointer under output_uri (moved only by a run whose alarms pass) and retention of old runs."""
+
+    series: str | None = Field(
+        None,
+        description="runs compared with each other under output_uri; default: the DAG id (CLI: 'default')",
+    )
+    baseline: Literal["previous", "latest"] = Field(
+        "previous", description="previous: the last committed run; latest: the run `latest` names"
+    )
+    alarms: list[Alarm] = Field(
+        default_factory=lambda: [
+            Alarm(metric="comet_final", max_drop=0.02),
+            Alarm(metric="kept_share", max_drop=0.05),
+        ]
+    )
+    keep_last: int | None = Field(
+        None, ge=1, description="retention: keep the last K committed runs (and the one `latest` names)"
+    )
+
+
+class CardSection(_Base):
+    """What the dataset card says about the release (dataset_card.md per run)."""
+
+    pretty_name: str = "babelsynth synthetic multilingual image-text instructions"
+    license: str = Field(
+        "cc-by-nc-4.0", description="Hugging Face license id; NLLB-200 weights are CC-BY-NC 4.0"
+    )
+
+
 # Keys of older configs -> where they live now; an old file fails with the new name in the message.
 RENAMED_KEYS = {
     "filter.rules.mode": "recaption.mode",
@@ -353,17 +628,23 @@ def renamed_keys(data: dict) -> list[str]:
 
 
 class RunConfig(_Base):
-    input_uri: str
+    input_uri: str | list[str] = Field(
+        description="a file, a directory, a glob or a list of them; local paths or s3:// URIs"
+    )
     output_uri: str
     cache_dir: str = ".work/cache"
     run: RunSection = RunSection()
     models: ModelsConfig
+    input: InputSection = InputSection()
     ingest: IngestSection = IngestSection()
     recaption: RecaptionSection = RecaptionSection()
     judge: JudgeSection = JudgeSection()
     translate: TranslateSection = TranslateSection()
     rephrase: RephraseSection = RephraseSection()
     score: ScoreSection = ScoreSection()
+    estimate: EstimateSection = EstimateSection()
+    nightly: NightlySection = NightlySection()
+    card: CardSection = CardSection()
 
     @model_validator(mode="before")
     @classmethod
@@ -374,16 +655,33 @@ class RunConfig(_Base):
                 raise ValueError("; ".join(problems))
         return data
 
+    @model_validator(mode="after")
+    def _rephrase_room(self) -> RunConfig:
+        """A rephrase shorter than the answer it rewrites is cut at the limit and silently keeps the draft."""
+        if self.rephrase.max_tokens is None:
+            self.rephrase.max_tokens = 2 * self.recaption.max_tokens
+        elif self.rephrase.max_tokens < self.recaption.max_tokens:
+            raise ValueError(
+                f"rephrase.max_tokens={self.rephrase.max_tokens} is below recaption.max_tokens="
+                f"{self.recaption.max_tokens}: answers longer than it can never be rephrased; set it to at "
+                f"least {self.recaption.max_tokens} or leave it unset (2 x recaption.max_tokens)"
+            )
+        return self
+
     def fingerprint(self) -> str:
-        """Hash of everything that changes outputs; stored in the manifest."""
-        return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:16]
+        """Hash of everything that changes outputs; stored in the manifest. The run-level sections (estimate,
+        nightly, card) change no row, so a new alarm or budget does not make a run look different."""
+        data = self.model_dump(exclude=set(RUN_LEVEL_SECTIONS))
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
+RUN_LEVEL_SECTIONS = ("estimate", "nightly", "card")
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-def expand_env(obj: Any) -> Any:
-    """${VAR} and ${VAR:-default} in every string of a parsed YAML document; a missing VAR is an error."""
+def expand_env(obj: Any, strict: bool = True) -> Any:
+    """${VAR} and ${VAR:-default} in every string of a parsed YAML document; a missing VAR is an error
+    (strict) or stays as written (strict=False: checks report every missing variable, not the first)."""
     if isinstance(obj, str):
 
         def sub(m: re.Match) -> str:
@@ -392,14 +690,31 @@ def expand_env(obj: Any) -> Any:
                 return os.environ[name]
             if default is not None:
                 return default
+            if not strict:
+                return m.group(0)
             raise ValueError(f"config references ${{{name}}} but it is not set in the environment")
 
         return _ENV.sub(sub, obj)
     if isinstance(obj, dict):
-        return {k: expand_env(v) for k, v in obj.items()}
+        return {k: expand_env(v, strict) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [expand_env(v) for v in obj]
+        return [expand_env(v, strict) for v in obj]
     return obj
+
+
+def missing_env(obj: Any, where: str = "") -> dict[str, list[str]]:
+    """Unset variables referenced without a default -> the dotted keys that reference them."""
+    out: dict[str, list[str]] = {}
+    if isinstance(obj, str):
+        for m in _ENV.finditer(obj):
+            if m.group(1) not in os.environ and m.group(2) is None:
+                out.setdefault(m.group(1), []).append(where or "<root>")
+    elif isinstance(obj, dict | list):
+        items = obj.items() if isinstance(obj, dict) else enumerate(obj)
+        for k, v in items:
+            for name, keys in missing_env(v, f"{where}.{k}" if where else str(k)).items():
+                out.setdefault(name, []).extend(keys)
+    return out
 
 
 def apply_overrides(data: dict, overrides: dict[str, Any] | None) -> dict:
@@ -414,13 +729,29 @@ def apply_overrides(data: dict, overrides: dict[str, Any] | None) -> dict:
     return data
 
 
+def drop_overridden(data: dict, overrides: dict[str, Any] | None) -> dict:
+    """A copy of `data` without the values that overrides replace, so their ${ENV} is never expanded: a pod
+    given `models.teacher.base_url` on its command line needs no VLLM_TEACHER_URL in its environment."""
+    out = copy.deepcopy(data)
+    for key in overrides or {}:
+        node: Any = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(parts[-1], None)
+    return out
+
+
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Load, expand ${ENV}, apply dotted overrides, validate. Raises ValueError with the field path."""
+    """Load, expand ${ENV} (except in values an override replaces), apply dotted overrides, validate.
+
+    Raises ValueError with the field path."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"config file not found: {p}")
     data = yaml.safe_load(p.read_text()) or {}
-    data = apply_overrides(expand_env(data), overrides)
+    data = apply_overrides(expand_env(drop_overridden(data, overrides)), overrides)
     return RunConfig.model_validate(data)
 
 

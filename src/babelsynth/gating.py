@@ -196,15 +196,15 @@ def format_language_summary(languages: dict) -> list[str]:
 
     head = (
         f"{'lang':<10}{'rows':>6}{'kept':>6}{'draft':>7}{'final':>7}{'reph%':>7}"
-        + "".join(f"{g[:6]:>8}" for g in GATES)
+        + "".join(f"{'p.' + g[:6]:>9}" for g in GATES)
         + f"{'mtld':>7}"
     )
-    lines = ["", "quality (COMET mean draft -> final; pass rate per gate)", head]
+    lines = ["", "quality (COMET mean draft -> final; p.<gate>: pass rate per gate; mtld: mean MTLD)", head]
     for lang, s in languages.items():
         lines.append(
             f"{lang:<10}{s['rows']:>6}{s['kept']:>6}{f(s['comet_draft'])}{f(s['comet_final'])}"
             f"{f(s['rephrase_selected'])}"
-            + "".join(f(s["pass_rate"][g], 8, 2) for g in GATES)
+            + "".join(f(s["pass_rate"][g], 9, 2) for g in GATES)
             + f(s["mtld"], 7, 1)
         )
     return lines

@@ -1,7 +1,12 @@
 """Where every file of one run lives, and how it is read and written: the only module that builds run paths.
 
+    <output_uri>/
+      latest.json                            the `latest` pointer: the last run that passed its alarms
+      _history/<run_id>.json                 one entry per run that reached commit (series, time)
     <output_uri>/<run_id>/
       manifest.json                          written last: a run without it is not finished
+      report.html                            self-contained report (plots embedded), written by commit
+      dataset_card.md                        Hugging Face dataset card, written by commit
       samples/lang=<code>/part-NNNNN.parquet one partition per language
       rejected/part-NNNNN.parquet            every dropped record with its stage and reason code
       images/part-NNNNN.parquet              each image once, keyed by content id
@@ -27,20 +32,39 @@ from babelsynth import storage
 
 MANIFEST = "manifest.json"
 PLAN = "_stages/plan.json"
+REPORT = "report.html"
+CARD = "dataset_card.md"
+LATEST = "latest.json"
+HISTORY = "_history"
 MAX_RUN_ID = 200
 
 
 def safe_run_id(run_id: str) -> str:
     """A run id usable as one path segment on S3, local disks, Hive readers and HF datasets.
 
-    Airflow run ids carry ':' and '+', mapped to '_'. What stays must not climb out of output_uri or hide:
-    no '/', no leading '.', and a bounded length."""
+    Airflow run ids carry ':' and '+', mapped to '_' (as is anything else outside [A-Za-z0-9._-]). A run id
+    that names a path instead of a run is refused, never mapped: path separators ('/', '\\'), '..', control
+    characters, a leading '.' or '-', no letter or digit, or more than MAX_RUN_ID characters."""
+    if not isinstance(run_id, str) or not run_id:
+        raise ValueError(f"run id {run_id!r} is empty")
+    problems = []
+    if "/" in run_id or "\\" in run_id:
+        problems.append("contains a path separator")
+    if ".." in run_id:
+        problems.append("contains '..'")
+    if any(ord(c) < 32 or ord(c) == 127 for c in run_id):
+        problems.append("contains control characters")
     s = re.sub(r"[^A-Za-z0-9._-]+", "_", run_id).strip("_")
-    if not s or s.startswith(".") or len(s) > MAX_RUN_ID:
-        raise ValueError(
-            f"run id {run_id!r} is not usable: it needs letters or digits, must not start with '.' "
-            f"(e.g. '..') and must be at most {MAX_RUN_ID} characters"
-        )
+    if not re.search(r"[A-Za-z0-9]", s):
+        problems.append("needs a letter or a digit")
+    if s.startswith((".", "-")):
+        problems.append("must not start with '.' or '-'")
+    if len(run_id) > MAX_RUN_ID:
+        problems.append(f"is longer than {MAX_RUN_ID} characters")
+    if problems:
+        raise ValueError(f"run id {run_id[:MAX_RUN_ID]!r} is not usable: it " + ", ".join(problems))
+    if s in (LATEST, HISTORY):
+        raise ValueError(f"run id {run_id!r} is reserved: {s!r} is a file of output_uri itself")
     return s
 
 
@@ -73,6 +97,16 @@ class RunLayout:
     def __repr__(self) -> str:
         return f"RunLayout({self.root!r})"
 
+    @classmethod
+    def from_root(cls, root: str) -> RunLayout:
+        """The layout of an existing run from its directory URI (<output_uri>/<run key>)."""
+        output_uri, _, key = root.rstrip("/").rpartition("/")
+        return cls(output_uri, key)
+
+    @property
+    def output_uri(self) -> str:
+        return self.root.rpartition("/")[0]
+
     # ------------------------------------------------------------------ paths
     def uri(self, rel: str) -> str:
         return storage.join(self.root, rel)
@@ -84,6 +118,23 @@ class RunLayout:
     @property
     def plan_uri(self) -> str:
         return self.uri(PLAN)
+
+    @property
+    def report_uri(self) -> str:
+        return self.uri(REPORT)
+
+    @property
+    def card_uri(self) -> str:
+        return self.uri(CARD)
+
+    def stage_results(self) -> dict[str, set[int]]:
+        """{stage: shards with a result} from one listing of _stages/ (what `inspect` shows)."""
+        done: dict[str, set[int]] = {}
+        for u in storage.list_prefix(self.uri("_stages")):
+            m = re.search(r"/_stages/([^/]+)/shard=(\d+)\.json\.gz$", u)
+            if m:
+                done.setdefault(m.group(1), set()).add(int(m.group(2)))
+        return done
 
     def stage_result_uri(self, stage: str, shard: int) -> str:
         return self.uri(f"_stages/{stage}/shard={shard:05d}.json.gz")
@@ -138,6 +189,9 @@ class RunLayout:
         uri = self.stage_artifact_uri(stage, name, shard)
         storage.write_bytes(uri, parquet_bytes(table))
         return uri
+
+    def has_stage_artifact(self, stage: str, name: str, shard: int) -> bool:
+        return storage.exists(self.stage_artifact_uri(stage, name, shard))
 
     def read_stage_artifact(self, stage: str, name: str, shard: int):
         return self.read_table_uri(self.stage_artifact_uri(stage, name, shard))
@@ -197,3 +251,51 @@ class RunLayout:
 
     def delete(self, rel: str) -> None:
         storage.delete(self.uri(rel))
+
+    def write_text(self, rel: str, text: str) -> str:
+        uri = self.uri(rel)
+        storage.write_bytes(uri, text.encode())
+        return uri
+
+
+class OutputLayout:
+    """Files of output_uri that span runs: the `latest` pointer and the history of committed runs."""
+
+    def __init__(self, output_uri: str):
+        self.output_uri = output_uri.rstrip("/")
+
+    def run(self, run_id: str) -> RunLayout:
+        return RunLayout(self.output_uri, run_id)
+
+    @property
+    def latest_uri(self) -> str:
+        return storage.join(self.output_uri, LATEST)
+
+    def history_uri(self, run_id: str) -> str:
+        return storage.join(self.output_uri, HISTORY, f"{safe_run_id(run_id)}.json")
+
+    def read_latest(self) -> dict | None:
+        return json.loads(storage.read_bytes(self.latest_uri)) if storage.exists(self.latest_uri) else None
+
+    def write_latest(self, doc: dict) -> None:
+        """One atomic write (temp + rename locally, a single PUT on S3): readers see the old or the new."""
+        storage.write_bytes(self.latest_uri, json.dumps(doc, indent=1).encode())
+
+    def write_history(self, run_id: str, doc: dict) -> None:
+        storage.write_bytes(self.history_uri(run_id), json.dumps(doc, indent=1).encode())
+
+    def history(self) -> list[dict]:
+        """Every history entry (runs that reached commit), oldest commit first."""
+        out = []
+        for u in storage.list_prefix(storage.join(self.output_uri, HISTORY)):
+            if u.endswith(".json"):
+                out.append(json.loads(storage.read_bytes(u)))
+        return sorted(out, key=lambda d: (d.get("committed_unix", 0), d.get("run_id", "")))
+
+    def delete_run(self, run_id: str) -> None:
+        """Remove a run: its manifest first (readers stop trusting it), then its files, its entry last, so
+        a crash half way leaves a run that is simply removed again."""
+        lay = self.run(run_id)
+        storage.delete(lay.manifest_uri)
+        storage.delete_tree(lay.root)
+        storage.delete(self.history_uri(run_id))

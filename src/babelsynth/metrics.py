@@ -9,6 +9,7 @@ words (notes/translation-and-scoring.md, section 4: ICU was the best single opti
 from __future__ import annotations
 
 import functools
+from collections import Counter
 from collections.abc import Sequence
 
 import regex
@@ -57,8 +58,16 @@ def mtld(text: str, lang: str, threshold: float = 0.72) -> tuple[float | None, i
 
 
 def length_ratio(text: str, source: str) -> float | None:
-    """Characters of the translation over characters of the English source (bands are per language)."""
-    return len(text) / len(source) if source else None
+    """Characters of the translation over characters of the English source, both without protected spans
+    (code, URLs, e-mails, tags, placeholders) and whitespace: those are copied verbatim and do not scale with
+    the language, so a zh/ja/ko answer made mostly of code would otherwise fall below its band.
+    None when the source has no prose (nothing to compare; the gate does not apply)."""
+    src = _prose_chars(source)
+    return _prose_chars(text) / src if src else None
+
+
+def _prose_chars(text: str) -> int:
+    return len(regex.sub(r"\s+", "", _PROTECTED.sub("", text)))
 
 
 def repetition(text: str, lang: str, max_unit: int = 8) -> float:
@@ -223,12 +232,55 @@ def dominant_script(text: str, lang: str) -> str | None:
     return next(k for k, v in counts.items() if v == best) if best else None
 
 
+# Alphabets a word can be in. Han and kana are one (Japanese mixes them); a Han, kana or Hangul word may carry
+# Latin letters legitimately ("Pythonで", "iPhone은", "iPhone和").
+_ALPHABETS = {
+    **{k: _SCRIPT_RE[k] for k in ("Latn", "Cyrl", "Arab", "Grek", "Hebr", "Deva", "Thai")},
+    "Hang": regex.compile(r"\p{Hangul}"),
+    "Hani": regex.compile(r"[\p{Han}\p{Hiragana}\p{Katakana}\p{Bopomofo}]"),
+}
+_WORD = regex.compile(r"[\p{L}\p{M}]+")
+MIXED_WORDS = 0.25  # from this share of words mixing alphabets, the text is in no language
+MAIN_ALPHABET = 0.5  # below this share of words in its main alphabet, neither
+
+
+def _alphabet(word: str) -> str | None:
+    """The word's alphabet, 'other' for scripts outside _ALPHABETS, None when it mixes alphabets."""
+    found = {k for k, r in _ALPHABETS.items() if r.search(word)}
+    if found & {"Hang", "Hani"}:
+        found.discard("Latn")
+    return found.pop() if len(found) == 1 else (None if found else "other")
+
+
+def main_alphabet_text(text: str) -> str | None:
+    """The words of text in its main alphabet, or None for degenerate text (words mixing alphabets such as
+    'Деavolth' or 'Ikδšwonř', or no alphabet holding half the words).
+
+    Why: lingua's rule step counts words per alphabet and breaks ties in hash-map order, random per process,
+    so on such text its answer changed between a run and its retry; given one alphabet, it cannot tie across
+    alphabets. Code-switched words (Latin names in a Russian answer) are not evidence against the language."""
+    words = _WORD.findall(text)
+    if not words:
+        return text
+    kinds = [_alphabet(w) for w in words]
+    counts = Counter(kinds)
+    if counts[None] >= MIXED_WORDS * len(words):
+        return None
+    main = max((*_ALPHABETS, "other"), key=lambda k: counts[k])  # fixed order breaks ties: deterministic
+    if counts[main] < MAIN_ALPHABET * len(words):
+        return None
+    return text if counts[main] == len(words) else " ".join(w for w, k in zip(words, kinds) if k == main)
+
+
 @functools.cache
 def _detector(langs: tuple[str, ...]):
     from lingua import Language, LanguageDetectorBuilder  # the model ships in the wheel: offline
 
     names = sorted({_LINGUA[c] for c in langs if c in _LINGUA} | {_LINGUA[SOURCE_LANG]})
     return LanguageDetectorBuilder.from_languages(*[getattr(Language, n) for n in names]).build()
+
+
+LANGID_DECIMALS = 4  # confidences are kept to this many decimals: reproducible, finer than any threshold
 
 
 def langid_candidates(run_languages: Sequence[str]) -> tuple[str, ...]:
@@ -245,19 +297,24 @@ def langid(
     """(detected code with script, confidence that the text is in its target) per text.
 
     Confidence is lingua's for the target language, and 0.0 when the script is wrong (zho_Hant text for a
-    zho_Hans target, Hindi in Latin letters). (None, None) for languages lingua lacks or text without
-    letters."""
+    zho_Hans target, Hindi in Latin letters); (None, 0.0) for degenerate text (`main_alphabet_text`).
+    (None, None) for languages lingua lacks or text without letters."""
     det = _detector(candidates)
     clean = [strip_protected(t) for t in texts]
     todo = [i for i, (t, lg) in enumerate(zip(clean, langs)) if lg in _LINGUA and _LETTER.search(t)]
-    values = [
-        det.compute_language_confidence_values(clean[i]) for i in todo
-    ]  # serial beat the parallel API here
+    main = {i: main_alphabet_text(clean[i]) for i in todo}
+    mixed = {i for i in todo if main[i] is None}
+    todo = [i for i in todo if i not in mixed]
+    values = [det.compute_language_confidence_values(main[i]) for i in todo]  # serial beat the parallel API
     out: list[tuple[str | None, float | None]] = [(None, None)] * len(texts)
+    for i in mixed:
+        out[i] = (None, 0.0)
     for i, vals in zip(todo, values):
         text, lang = clean[i], langs[i]
-        conf = {v.language.name: float(v.value) for v in vals}
-        top = vals[0].language.name if vals else None
+        # lingua sums in hash-map order, so the last bits differ between calls: round, then break ties by
+        # name, or a rerun of the same text can change its detected language and its gate outcome
+        conf = {v.language.name: round(float(v.value), LANGID_DECIMALS) for v in vals}
+        top = min(conf, key=lambda n: (-conf[n], n)) if conf else None
         detected = _FROM_LINGUA.get(top) if top else None
         if top == "CHINESE":
             detected = "zho_" + (

@@ -30,9 +30,16 @@ class Prompt:
     def render(self, **values: str) -> list[dict]:
         """OpenAI-style messages (text only); callers add image parts to the user turn."""
         return [
-            {"role": "system", "content": _ENV.from_string(self.system).render(**values)},
-            {"role": "user", "content": _ENV.from_string(self.user).render(**values)},
+            {"role": "system", "content": compiled(self.system).render(**values)},
+            {"role": "user", "content": compiled(self.user).render(**values)},
         ]
+
+
+@functools.cache
+def compiled(source: str) -> jinja2.Template:
+    """A template compiled once per process (compiling costs more than rendering, and a stage renders one
+    prompt per row)."""
+    return _ENV.from_string(source)
 
 
 @functools.cache

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 
-from babelsynth import runner, storage
+from babelsynth import redaction, runner, storage
 from babelsynth.config import RunConfig
 
 MAY_DIFFER = ("score.gates", "cache_dir")
@@ -47,12 +47,15 @@ def regate(cfg: RunConfig, run_id: str) -> dict:
                 f"run {run_id} has no manifest.json under {lay.root}: it is not finished; commit it first"
             )
         old = json.loads(storage.read_bytes(prev[-1]))
-    diff = config_diff(old["config"], cfg.model_dump(mode="json"))
+    diff = config_diff(
+        old["config"], redaction.redact(cfg.model_dump(mode="json"), redaction.secret_values(cfg))
+    )
     if diff:
         raise ValueError(f"regate only re-applies score.gates; the config differs from the run's in: {diff}")
     if lay.has_manifest():  # keep the old manifest, then unpublish it: the run is unfinished until commit
         lay.unpublish_manifest(int(time.time() * 1000))
     new = runner.commit(cfg, run_id)
+    runner.report(cfg, run_id)  # the report shows the new gates
     listed = {f["path"] for f in new["files"]}
     for f in old["files"]:  # e.g. an images part no longer needed
         if f["path"] not in listed:

@@ -10,25 +10,28 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from babelsynth import gating
+from babelsynth import faults, fingerprint, gating, progress, redaction
 from babelsynth.cache import Cache
 from babelsynth.config import RunConfig
-from babelsynth.layout import RunLayout
+from babelsynth.fingerprint import ConfigDriftError
+from babelsynth.layout import CARD, REPORT, RunLayout
 from babelsynth.schema import arrow_schema, columns, to_table
 from babelsynth.stages import BY_NAME, STAGE_NAMES, STAGES, Context, Stage, StageResult, identity
 
 log = logging.getLogger(__name__)
-IMAGES_PER_PART = 2000
 _SHOW = 8  # keys named in a contract error
 
 
 class StageContractError(RuntimeError):
     """A stage read or wrote an undeclared column, or lost or duplicated a row: its result is not kept."""
+
+
+class StageErrorRateError(RuntimeError):
+    """Too many of a stage's rows ended in request errors: an outage, not bad records; nothing is kept."""
 
 
 def layout(cfg: RunConfig, run_id: str) -> RunLayout:
@@ -41,48 +44,56 @@ def open_cache(cfg: RunConfig) -> Cache:
 
 # ---------------------------------------------------------------- plan
 def plan(cfg: RunConfig, run_id: str) -> list[int]:
-    """Shard indices; shard size grows so the fan-out never exceeds run.max_shards."""
-    import pyarrow.parquet as pq
-
-    from babelsynth import storage
+    """Shard indices; shard size grows so the fan-out never exceeds run.max_shards (inputs/plan.py)."""
+    from babelsynth.estimate import check_budget, estimate, format_estimate, sample_input
+    from babelsynth.inputs.plan import plan_input
 
     lay = layout(cfg, run_id)
     if lay.has_plan():
-        return lay.read_plan()["shards"]
-    meta = pq.read_metadata(storage.parquet_source(cfg.input_uri))
-    n = meta.num_rows if cfg.run.limit is None else min(meta.num_rows, cfg.run.limit)
-    size = max(cfg.run.shard_size, math.ceil(n / cfg.run.max_shards))
-    shards = list(range(math.ceil(n / size)))
+        doc = lay.read_plan()
+        check_plan(cfg, run_id, doc)
+        return doc["shards"]
+    doc = plan_input(cfg)
+    for w in doc["warnings"]:
+        log.warning("plan: %s", w)
+    est = estimate(cfg, sample_input(cfg, plan=doc), doc["records"], len(doc["shards"]))  # no model call yet
+    log.info("%s", format_estimate(est, cfg))
+    check_budget(cfg, est)
     lay.write_plan(
         {
             "run_id": run_id,
-            "input_uri": cfg.input_uri,
-            "records": n,
-            "shard_size": size,
-            "shards": shards,
+            **doc,
             "config_fingerprint": cfg.fingerprint(),
+            "planned_unix": int(time.time()),
+            "estimate": est.as_dict(),
+            "config": fingerprint.leaves(cfg, fingerprint.run_keys(STAGES)),
         }
     )
-    return shards
+    return doc["shards"]
 
 
-def read_input_shard(cfg: RunConfig, lay: RunLayout, shard: int) -> list[dict]:
-    import pyarrow.parquet as pq
+def check_plan(cfg: RunConfig, run_id: str, doc: dict) -> None:
+    """A re-trigger must keep the keys that decide the shards and feed model stages (fingerprint.py):
+    refused here, before any task does work, naming the keys."""
+    if doc.get("run_id", run_id) != run_id:
+        raise ValueError(
+            f"run id {run_id!r} maps to the directory of run {doc['run_id']!r} ({layout(cfg, run_id).root}); "
+            "use a run id that differs in letters or digits"
+        )
+    if "config" not in doc:  # planned before fingerprints were recorded
+        return
+    changed = fingerprint.drift(doc["config"], fingerprint.leaves(cfg, fingerprint.run_keys(STAGES)))
+    bad = [k for k in changed if fingerprint.under(k, fingerprint.PLAN_KEYS)]
+    bad = bad or fingerprint.refused(changed, STAGES)
+    if bad:
+        raise ConfigDriftError(fingerprint.explain(run_id, "plan and stage results", bad, STAGES))
 
-    from babelsynth import storage
 
-    doc = lay.read_plan()
-    start, stop = shard * doc["shard_size"], min(doc["records"], (shard + 1) * doc["shard_size"])
-    pf = pq.ParquetFile(storage.parquet_source(cfg.input_uri))
-    out, pos = [], 0
-    for batch in pf.iter_batches(batch_size=256):  # streams: memory is one batch, not the file
-        if pos + batch.num_rows > start:
-            lo, hi = max(0, start - pos), min(batch.num_rows, stop - pos)
-            out += batch.slice(lo, hi - lo).to_pylist()
-        pos += batch.num_rows
-        if pos >= stop:
-            break
-    return out
+def read_input_shard(cfg: RunConfig, lay: RunLayout, shard: int, meter=None) -> list[dict]:
+    """One shard's canonical input records, read by range (only the bytes its plan assigns it)."""
+    from babelsynth.inputs.plan import read_shard
+
+    return read_shard(cfg, lay.read_plan(), shard, meter)
 
 
 # ---------------------------------------------------------------- the stage contract
@@ -192,16 +203,42 @@ def _stats(stage: str, received: int, n_in: Counter, res: StageResult, seconds: 
     }
 
 
+def stage_config(cfg: RunConfig, stage: str) -> dict[str, str]:
+    """The fingerprint a stage's result records: its config keys and every upstream stage's."""
+    return fingerprint.leaves(cfg, fingerprint.stage_keys(STAGES, stage))
+
+
+def current_result(cfg: RunConfig, run_id: str, stage: str, shard: int, doc: dict) -> bool:
+    """Whether a stored result was made with this config. False: it is redone (a `redo_on_change` stage
+    whose changed keys only it depends on); otherwise ConfigDriftError names the keys."""
+    changed = fingerprint.drift(doc.get("config", {}), stage_config(cfg, stage)) if "config" in doc else []
+    if not changed:
+        return True
+    if BY_NAME[stage].redo_on_change and not fingerprint.refused(changed, STAGES):
+        log.info("stage %s shard %d is redone: %s changed", stage, shard, ", ".join(changed))
+        return False
+    raise ConfigDriftError(fingerprint.explain(run_id, f"{stage} result of shard {shard}", changed, STAGES))
+
+
 def run_stage(cfg: RunConfig, run_id: str, stage: str, shard: int, cache: Cache | None = None) -> dict:
-    """Run one stage on one shard (skipped when its result exists). Returns the stage stats."""
+    """Run one stage on one shard (skipped when its result exists and was made with this config).
+    Returns the stage stats."""
     if stage not in BY_NAME:
         raise ValueError(f"unknown stage {stage!r}; stages are {STAGE_NAMES}")
     lay = layout(cfg, run_id)
     if lay.has_stage_result(stage, shard):
-        return lay.read_stage_result(stage, shard)["stats"]
+        doc = lay.read_stage_result(stage, shard)
+        if current_result(cfg, run_id, stage, shard, doc):
+            return doc["stats"]
     idx = STAGE_NAMES.index(stage)
+    meter = planned = None
     if idx == 0:
-        rows = read_input_shard(cfg, lay, shard)
+        from babelsynth.inputs.metering import Meter
+        from babelsynth.inputs.plan import read_shard
+
+        meter, plan_doc = Meter(), lay.read_plan()
+        rows = read_shard(cfg, plan_doc, shard, meter)
+        planned = plan_doc["shard_bytes"][shard]
     else:
         prev = STAGE_NAMES[idx - 1]
         if not lay.has_stage_result(prev, shard):
@@ -209,25 +246,39 @@ def run_stage(cfg: RunConfig, run_id: str, stage: str, shard: int, cache: Cache 
                 f"stage {stage} of shard {shard} needs {prev} first "
                 f"({lay.stage_result_uri(prev, shard)} missing)"
             )
-        rows = lay.read_stage_result(prev, shard)["rows"]
+        prev_doc = lay.read_stage_result(prev, shard)
+        if not current_result(cfg, run_id, prev, shard, prev_doc):
+            raise RuntimeError(
+                f"stage {stage} of shard {shard} needs {prev} redone first (its config changed)"
+            )
+        rows = prev_doc["rows"]
     tracked, read = track_reads(rows)
+    cache = cache or open_cache(cfg)
     ctx = Context(
         cfg,
         run_id,
         shard,
-        cache or open_cache(cfg),
-        artifact=lambda s, n: lay.read_stage_artifact(s, n, shard),
+        cache,
+        artifact=lambda s, n: (
+            lay.read_stage_artifact(s, n, shard) if lay.has_stage_artifact(s, n, shard) else None
+        ),
     )
     t0 = time.perf_counter()
-    res = BY_NAME[stage].fn(ctx, tracked)
+    hits, misses = cache.hits, cache.misses
+    with progress.label(f"{stage} shard {shard}"):
+        res = BY_NAME[stage].fn(ctx, tracked)
     n_in = check_contract(BY_NAME[stage], shard, rows, res, read)
+    check_error_rate(cfg, stage, shard, res, sum(n_in.values()))
     stats = _stats(stage, len(rows), n_in, res, time.perf_counter() - t0)
+    stats["usage"] = usage(ctx.backends.values(), cache.hits - hits, cache.misses - misses)
+    if meter is not None:  # what the shard pulled from storage against what its plan assigned it
+        stats.update(input_bytes_read=meter.bytes, input_bytes_planned=planned)
     for name, (schema, art_rows) in res.artifacts.items():
         lay.write_stage_artifact(stage, name, shard, to_table(schema, art_rows))
     artifacts = {name: schema for name, (schema, _) in res.artifacts.items()}
-    lay.write_stage_result(
-        stage, shard, {"rows": res.rows, "rejected": res.rejected, "stats": stats, "artifacts": artifacts}
-    )
+    faults.point(f"stage.{stage}.before_persist")
+    doc = {"rows": res.rows, "rejected": res.rejected, "stats": stats, "artifacts": artifacts}
+    lay.write_stage_result(stage, shard, {**doc, "config": stage_config(cfg, stage)})
     log.info(
         "stage %s shard %d: in=%d out=%d rejected=%d (%.1fs)",
         stage,
@@ -238,6 +289,29 @@ def run_stage(cfg: RunConfig, run_id: str, stage: str, shard: int, cache: Cache 
         stats["seconds"],
     )
     return stats
+
+
+def usage(backends, cache_hits: int, cache_misses: int) -> dict[str, int]:
+    """What a stage cost: model calls and tokens through its backends (each reports `usage()`), and how
+    many cache lookups it made and answered (a re-run answers all of them: no model call)."""
+    out = {"model_calls": 0, "tokens_in": 0, "tokens_out": 0}
+    for b in backends:
+        for k, v in (b.usage() if hasattr(b, "usage") else {}).items():
+            out[k] = out.get(k, 0) + v
+    return {**out, "cache_hits": cache_hits, "cache_lookups": cache_hits + cache_misses}
+
+
+def check_error_rate(cfg: RunConfig, stage: str, shard: int, res: StageResult, n_in: int) -> None:
+    """Rows that ended in a request error (a server refusing that one request) are rejects; so many that
+    they exceed run.max_error_rate (and run.min_errors_to_fail) are an outage or a misconfiguration: the
+    task fails and nothing is written, so a retry after the fix asks them again."""
+    rc = cfg.run
+    if res.errors >= rc.min_errors_to_fail and res.errors > rc.max_error_rate * max(n_in, 1):
+        first = [r["detail"][:160] for r in res.rejected if r["reason"].endswith("request_rejected")][:3]
+        raise StageErrorRateError(
+            f"stage {stage} (shard {shard}): {res.errors} of {n_in} rows ended in request errors, above "
+            f"run.max_error_rate={rc.max_error_rate}; nothing written. First errors: {first}"
+        )
 
 
 def stage_result_uri(cfg: RunConfig, run_id: str, stage: str, shard: int) -> str:
@@ -251,22 +325,43 @@ def sample_id(source_id: str, lang: str) -> str:
 
 
 def write_shard(cfg: RunConfig, run_id: str, shard: int) -> dict:
-    """Final Parquet for one shard: samples per language and every rejected row, explicit schemas."""
+    """Final Parquet for one shard: samples per language, every rejected row, and the images its kept
+    samples reference (each once, by content id), all with explicit schemas.
+
+    The marker written last lists the files and carries the shard's stage stats (commit reads markers,
+    never rows or image bytes) and the config the last stage's result was made with: when that stage was
+    redone (fingerprint.py), the shard's files are written again."""
     lay = layout(cfg, run_id)
+    last = STAGE_NAMES[-1]
+    want = stage_config(cfg, last)
     if lay.has_write_marker(shard):
-        return lay.read_write_marker(shard)
-    if not lay.has_stage_result(STAGE_NAMES[-1], shard):
-        raise RuntimeError(f"shard {shard} has not finished stage {STAGE_NAMES[-1]}")
+        marker = lay.read_write_marker(shard)
+        if marker.get("config", want) == want:
+            return marker
+        lay.delete_write_marker(shard)  # marker first: a crash below leaves a shard that is simply rewritten
+        for f in marker["files"]:
+            lay.delete(f["path"])
+    if not lay.has_stage_result(last, shard):
+        raise RuntimeError(f"shard {shard} has not finished stage {last}")
+    final = lay.read_stage_result(last, shard)
+    if not current_result(cfg, run_id, last, shard, final):
+        raise RuntimeError(f"shard {shard}: stage {last} must be redone first (its config changed): run it")
     sample_cols = set(columns("samples"))
     by_lang: dict[str, list[dict]] = defaultdict(list)
-    for r in lay.read_stage_result(STAGE_NAMES[-1], shard)["rows"]:
+    needed: set[str] = set()
+    rejected, stats, image_sources = [], {}, []
+    for stage in STAGE_NAMES:
+        doc = final if stage == last else lay.read_stage_result(stage, shard)
+        stats[stage] = doc["stats"]
+        rejected += [{**r, "run_id": run_id, "shard": shard} for r in doc["rejected"]]
+        image_sources += [
+            (stage, n) for n, schema in (doc.get("artifacts") or {}).items() if schema == "images"
+        ]
+    for r in final["rows"]:  # the last stage's kept rows
         row = {k: v for k, v in r.items() if k in sample_cols}
         row.update(run_id=run_id, shard=shard, sample_id=sample_id(r["source_id"], r["lang"]))
         by_lang[r["lang"]].append(row)
-    rejected = []
-    for stage in STAGE_NAMES:
-        for r in lay.read_stage_result(stage, shard)["rejected"]:
-            rejected.append({**r, "run_id": run_id, "shard": shard})
+        needed.update(r["image_ids"])
     files = []
     for lang in sorted(by_lang):
         files.append(
@@ -274,45 +369,107 @@ def write_shard(cfg: RunConfig, run_id: str, shard: int) -> dict:
                 lay.samples_path(lang, shard), to_table("samples", by_lang[lang]), "samples", lang
             )
         )
+        faults.point("write.after_first_file")
     if rejected:
         files.append(lay.write_table(lay.rejected_path(shard), to_table("rejected", rejected), "rejected"))
-    doc = {"shard": shard, "files": files}
+    images = shard_images(lay, shard, image_sources, needed)
+    if images is not None:
+        files.append(lay.write_table(lay.images_path(shard), images, "images"))
+    for f in files:
+        f["shard"] = shard
+    doc = {"shard": shard, "files": files, "stats": stats, "config": want}
     lay.write_write_marker(shard, doc)
     return doc
 
 
+def shard_images(lay: RunLayout, shard: int, sources: list[tuple[str, str]], needed: set[str]):
+    """The images table of one shard: every image its kept samples reference, each once (None if none)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not needed:
+        return None
+    parts, seen = [], pa.array([], pa.string())
+    want = pa.array(sorted(needed), pa.string())
+    for stage, name in sources:
+        t = lay.read_stage_artifact(stage, name, shard)
+        t = t.filter(
+            pc.and_(pc.is_in(t["image_id"], value_set=want), pc.invert(pc.is_in(t["image_id"], seen)))
+        )
+        seen = pa.concat_arrays([seen, t["image_id"].combine_chunks()])
+        parts.append(t)
+    schema = arrow_schema("images")
+    table = pa.concat_tables([t.select(schema.names).cast(schema) for t in parts]) if parts else None
+    missing = len(needed) - (table.num_rows if table is not None else 0)
+    if missing:
+        raise RuntimeError(f"shard {shard}: {missing} image(s) referenced by kept samples are in no artifact")
+    return table
+
+
 # ---------------------------------------------------------------- commit (once per run)
 def commit(cfg: RunConfig, run_id: str, shards: list[int] | None = None) -> dict:
-    """Run-level gates, every shard written, images deduplicated, counts reconciled, manifest.json last.
+    """Run-level gates, every shard written, counts reconciled, manifest.json last.
 
-    Idempotent: a committed run returns its manifest."""
+    Reads the write markers (files and stats per shard), never the rows or the image bytes: its cost
+    grows with the number of files. Idempotent: a committed run returns its manifest, unless its gates (or
+    a stage that is redone on a change, fingerprint.py) changed since: then the old manifest is kept under
+    _stages/regate/ and the run is committed again. Any other config change is refused (ConfigDriftError
+    naming the keys)."""
     lay = layout(cfg, run_id)
+    leaves = fingerprint.leaves(cfg, fingerprint.run_keys(STAGES))
     if lay.has_manifest():
-        return lay.read_manifest()
+        old = lay.read_manifest()
+        changed = fingerprint.drift(old["config_leaves"], leaves) if "config_leaves" in old else []
+        if not changed:
+            return old
+        bad = fingerprint.refused(changed, STAGES)
+        if bad:
+            raise ConfigDriftError(fingerprint.explain(run_id, "published manifest", bad, STAGES))
+        log.info("run %s: %s changed since it was committed: committing again", run_id, ", ".join(changed))
+        lay.unpublish_manifest(int(time.time() * 1000))
     plan_doc = lay.read_plan()
+    check_plan(cfg, run_id, plan_doc)
     shards = plan_doc["shards"] if shards is None else shards
     gates = gating.run_gates(cfg, lay, shards)
     files: list[dict] = []
     stage_totals: dict[str, dict] = {}
-    image_artifacts: list[tuple[str, str]] = []  # (stage, name) of every artifact that is an images table
     for shard in shards:
-        files += write_shard(cfg, run_id, shard)["files"]
-        for stage in STAGE_NAMES:
-            doc = lay.read_stage_result(stage, shard)
-            merge_stats(stage_totals.setdefault(stage, {}), doc["stats"])
-            for name, schema in (doc.get("artifacts") or {}).items():
-                if schema == "images" and (stage, name) not in image_artifacts:
-                    image_artifacts.append((stage, name))
-    files += _write_images(lay, files, shards, image_artifacts)
+        doc = write_shard(cfg, run_id, shard)
+        files += doc["files"]
+        for stage in STAGE_NAMES:  # a marker of an older babelsynth has no stats: read the result
+            st = (doc.get("stats") or {}).get(stage) or lay.read_stage_result(stage, shard)["stats"]
+            merge_stats(stage_totals.setdefault(stage, {}), st)
+    manifest = build_manifest(cfg, lay, plan_doc, shards, files, stage_totals, gates)
+    manifest["config_leaves"] = leaves
+    if not manifest["reconciliation"]["ok"]:
+        raise RuntimeError(f"counts do not reconcile: {manifest['reconciliation']['errors']}")
+    manifest = compare_and_redact(cfg, lay, manifest, plan_doc)
+    faults.point("commit.before_manifest")
+    lay.write_manifest(manifest)
+    _drop_replaced_files(lay, manifest)
+    return manifest
+
+
+def build_manifest(
+    cfg: RunConfig,
+    lay: RunLayout,
+    plan_doc: dict,
+    shards: list[int],
+    files: list[dict],
+    stage_totals: dict,
+    gates: dict,
+) -> dict:
+    """The manifest of a run from its files, stage totals and gate report (no I/O)."""
     samples_by_lang: Counter = Counter()
     for f in files:
         if f["table"] == "samples":
             samples_by_lang[f["lang"]] += f["rows"]
     manifest = {
-        "run_id": run_id,
+        "run_id": lay.run_id,
         "path": lay.root,
         "created_unix": int(time.time()),
         "input_uri": cfg.input_uri,
+        "input_format": plan_doc["input"]["format"],
         "input_records": plan_doc["records"],
         "shards": len(shards),
         "shard_size": plan_doc["shard_size"],
@@ -321,7 +478,7 @@ def commit(cfg: RunConfig, run_id: str, shards: list[int] | None = None) -> dict
             for n in ("samples", "images", "rejected")
         },
         "config_fingerprint": cfg.fingerprint(),
-        "config": cfg.model_dump(mode="json"),
+        "config": cfg.model_dump(mode="json"),  # secrets are redacted by commit
         "models": {
             "teacher": cfg.models.teacher.model,
             "judge": cfg.models.judge.model,
@@ -333,40 +490,53 @@ def commit(cfg: RunConfig, run_id: str, shards: list[int] | None = None) -> dict
         "samples_by_lang": dict(sorted(samples_by_lang.items())),
         "rejected_total": sum(f["rows"] for f in files if f["table"] == "rejected"),
         "images": sum(f["rows"] for f in files if f["table"] == "images"),
+        # where each image lives: a sample's images are in the images part of its own shard
+        "image_index": {
+            "by": "shard",
+            "parts": {str(f["shard"]): f["path"] for f in files if f["table"] == "images"},
+        },
         "files": files,
         "gates": gates["gates"],
         "languages": gates["languages"],
     }
     manifest["reconciliation"] = reconcile(manifest)
-    if not manifest["reconciliation"]["ok"]:
-        raise RuntimeError(f"counts do not reconcile: {manifest['reconciliation']['errors']}")
-    lay.write_manifest(manifest)
     return manifest
 
 
-def _write_images(
-    lay: RunLayout, files: list[dict], shards: list[int], sources: list[tuple[str, str]]
-) -> list:
-    """Images referenced by kept samples, each once (content-addressed), in bounded parts."""
-    needed: set[str] = set()
-    for f in files:
-        if f["table"] == "samples":
-            for ids in lay.read_table(f["path"]).column("image_ids").to_pylist():
-                needed.update(ids)
-    seen: set[str] = set()
-    out, part, buf = [], 0, []
-    for shard in shards:
-        for stage, name in sources:
-            for row in lay.read_stage_artifact(stage, name, shard).to_pylist():
-                if row["image_id"] in needed and row["image_id"] not in seen:
-                    seen.add(row["image_id"])
-                    buf.append(row)
-                if len(buf) >= IMAGES_PER_PART:
-                    out.append(lay.write_table(lay.images_path(part), to_table("images", buf), "images"))
-                    part, buf = part + 1, []
-    if buf or part == 0:
-        out.append(lay.write_table(lay.images_path(part), to_table("images", buf), "images"))
-    return out
+def compare_and_redact(cfg: RunConfig, lay: RunLayout, manifest: dict, plan_doc: dict) -> dict:
+    """What commit adds before the manifest is written: lineage, the comparison with the previous run and
+    its alarms (nightly), where the report goes; secrets redacted. The report itself reads the Parquet
+    files, so it is its own step after commit (`report`): commit reads metadata only."""
+    from babelsynth import lineage, nightly
+
+    manifest["planned_unix"] = plan_doc.get("planned_unix")
+    manifest["estimate"] = plan_doc.get("estimate")
+    manifest["lineage"] = lineage.collect(cfg)
+    nightly.register(cfg, lay, manifest)
+    manifest["report"] = {"html": REPORT, "card": CARD}
+    return redaction.redact(manifest, redaction.secret_values(cfg))
+
+
+def report(cfg: RunConfig, run_id: str) -> dict[str, str]:
+    """report.html and dataset_card.md of the committed run, from its manifest and Parquet files."""
+    from babelsynth import report as report_pkg
+
+    return report_pkg.write(layout(cfg, run_id))
+
+
+def _drop_replaced_files(lay: RunLayout, manifest: dict) -> None:
+    """Files the last replaced manifest listed and this one does not (e.g. a shard's images part no
+    longer needed after the gates changed)."""
+    previous = lay.previous_manifests()
+    if previous:
+        import json
+
+        from babelsynth import storage
+
+        listed = {f["path"] for f in manifest["files"]}
+        for f in json.loads(storage.read_bytes(previous[-1]))["files"]:
+            if f["path"] not in listed:
+                lay.delete(f["path"])
 
 
 def merge_stats(acc: dict, s: dict) -> None:
@@ -379,6 +549,9 @@ def merge_stats(acc: dict, s: dict) -> None:
     for k, v in s.items():  # stage-specific counters (requests_sent, engine_calls, ...) add up
         if k not in ("received", "in", "out", "rejected", "seconds", "stage") and isinstance(v, int | float):
             acc[k] = acc.get(k, 0) + v
+    for k, v in (s.get("usage") or {}).items():  # model calls, tokens, cache lookups
+        u = acc.setdefault("usage", {})
+        u[k] = u.get(k, 0) + v
     for lang, c in s["by_lang"].items():
         d = acc.setdefault("by_lang", {}).setdefault(lang, {"in": 0, "out": 0, "rejected": 0})
         for k in d:
@@ -418,13 +591,17 @@ def reconcile(m: dict) -> dict:
 
 # ---------------------------------------------------------------- whole run in one process
 def run_all(cfg: RunConfig, run_id: str) -> dict:
-    """Plan, every stage of every shard, write, commit: the CLI's `run` and the unit of the tests."""
+    """Plan, every stage of every shard, write, commit, report: the CLI's `run` and the unit of the tests."""
     cache = open_cache(cfg)
     shards = plan(cfg, run_id)
-    for stage in STAGES:
-        for shard in shards:
-            run_stage(cfg, run_id, stage.name, shard, cache)
-    return commit(cfg, run_id, shards)
+    with progress.Progress(len(STAGES) * len(shards), "tasks", desc=f"run {run_id}") as prog:
+        for stage in STAGES:
+            for shard in shards:
+                run_stage(cfg, run_id, stage.name, shard, cache)
+                prog.advance()
+    manifest = commit(cfg, run_id, shards)
+    report(cfg, run_id)
+    return manifest
 
 
 def summary(manifest: dict) -> str:
@@ -451,4 +628,15 @@ def summary(manifest: dict) -> str:
         f"\nimages: {manifest['images']}, rejected rows: {manifest['rejected_total']}, "
         f"reconciled: {manifest['reconciliation']['ok']}"
     )
+    alarms = manifest.get("alarms") or {}
+    if alarms:
+        verdict = "FAILED" if alarms.get("failed") else "warned" if alarms.get("fired") else "passed"
+        base = (manifest.get("comparison") or {}).get("baseline") or {}
+        lines.append(f"alarms: {verdict} (compared with {base.get('run_id') or 'no earlier run'})")
+        lines += [f"  {f['message']}" for f in alarms.get("fired", [])]
+    if manifest.get("report"):
+        from babelsynth import storage
+
+        lines.append(f"report: {storage.join(manifest['path'], manifest['report']['html'])}")
+        lines.append(f"dataset card: {storage.join(manifest['path'], manifest['report']['card'])}")
     return "\n".join(lines)

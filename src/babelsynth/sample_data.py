@@ -1,7 +1,8 @@
 """Sample English input drawn with PIL (shapes, colours, text, bar charts) whose ground truth is known.
 
 `make demo` and the tests run on it; three deliberately bad records (corrupt image, empty question,
-over-long answer) show the quarantine path.
+over-long answer) show the quarantine path. Rows follow schemas/input.v2.yaml (a conversation of turns);
+`multi_turn` adds conversations of several exchanges about one image.
 """
 
 from __future__ import annotations
@@ -55,17 +56,20 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def make_samples(n_per_task: int = 12, seed: int = 0, bad: bool = True) -> list[dict]:
+def exchange(q: str, a: str) -> list[dict]:
+    return [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+
+
+def make_samples(n_per_task: int = 12, seed: int = 0, bad: bool = True, multi_turn: int = 0) -> list[dict]:
     rng = random.Random(seed)
     rows: list[dict] = []
 
-    def add(task, q, a, images, source="babelsynth-sample"):
+    def add(task, q, a, images, source="babelsynth-sample", more=()):
         rows.append(
             {
                 "source_id": f"{task}-{len(rows):04d}",
                 "task_type": task,
-                "question": q,
-                "answer": a,
+                "conversation": exchange(q, a) + [t for qa in more for t in exchange(*qa)],
                 "images": images,
                 "source": source,
             }
@@ -105,6 +109,19 @@ def make_samples(n_per_task: int = 12, seed: int = 0, bad: bool = True) -> list[
             else ", ".join(lab for lab, v in zip(labels, vals) if v == max(vals)),
             [_png(im)],
         )
+    for _ in range(multi_turn):  # vqa over several exchanges about one image
+        k, c, s = rng.randint(2, 5), rng.choice(list(COLOURS)), rng.choice(SHAPES)
+        im, d = _canvas()
+        for i in range(k):
+            x = 10 + i * 42
+            _shape(d, s, COLOURS[c], (x, 90, x + 36, 126))
+        add(
+            "vqa",
+            f"How many {s}s are in the image?",
+            str(k),
+            [_png(im)],
+            more=[("What colour are they?", c), ("What is the background colour?", "white")],
+        )
     if bad:
         im, d = _canvas()
         add(
@@ -118,12 +135,14 @@ def make_samples(n_per_task: int = 12, seed: int = 0, bad: bool = True) -> list[
     return rows
 
 
-def write_samples(uri: str, n_per_task: int = 12, seed: int = 0, bad: bool = True) -> int:
+def write_samples(
+    uri: str, n_per_task: int = 12, seed: int = 0, bad: bool = True, multi_turn: int = 0
+) -> int:
     import pyarrow.parquet as pq
 
     from babelsynth import storage
 
-    rows = make_samples(n_per_task, seed, bad)
+    rows = make_samples(n_per_task, seed, bad, multi_turn)
     buf = io.BytesIO()
     pq.write_table(to_table("input", rows), buf)
     storage.write_bytes(uri, buf.getvalue())

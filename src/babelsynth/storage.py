@@ -6,6 +6,7 @@ shard. Everything above this module speaks URIs (`/abs/path`, `file:///abs/path`
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from pathlib import Path
@@ -20,6 +21,11 @@ def _local(uri: str) -> Path:
     return Path(urlparse(uri).path) if uri.startswith("file://") else Path(uri)
 
 
+def local_path(uri: str) -> Path | None:
+    """The filesystem path of a local URI (a path or file://); None for S3."""
+    return None if _is_s3(uri) else _local(uri)
+
+
 def join(base: str, *parts: str) -> str:
     """Join URI parts with '/', keeping the scheme."""
     out = base.rstrip("/")
@@ -28,11 +34,19 @@ def join(base: str, *parts: str) -> str:
     return out
 
 
+class StoragePermissionError(PermissionError):
+    """The store refused access (HTTP 403): a wrong credential or policy, never taken for "missing"."""
+
+
 def _s3_client():
     import boto3  # lazy: only S3 users pay for it
+    from botocore.config import Config
 
-    endpoint = os.environ.get("BABELSYNTH_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
-    return boto3.client("s3", endpoint_url=endpoint or None)
+    # Throttling (503 SlowDown), 5xx and connection resets are retried with backoff, a request at a time;
+    # the whole body is sent again, so a PUT is never half-applied.
+    retries = {"mode": "standard", "max_attempts": s3_max_attempts()}
+    config = Config(retries=retries, connect_timeout=10, read_timeout=120)
+    return boto3.client("s3", endpoint_url=s3_endpoint(), config=config)
 
 
 def _split_s3(uri: str) -> tuple[str, str]:
@@ -75,8 +89,17 @@ def exists(uri: str) -> bool:
         try:
             _s3_client().head_object(Bucket=bucket, Key=key)
             return True
-        except ClientError:
-            return False
+        except ClientError as e:
+            code = str(e.response.get("Error", {}).get("Code", ""))
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if status == 404 or code in ("404", "NoSuchKey", "NotFound"):
+                return False
+            if status == 403 or code in ("403", "AccessDenied", "Forbidden"):
+                raise StoragePermissionError(
+                    f"access to {uri} denied (HTTP 403): check the credentials and the bucket policy; "
+                    "it is not treated as missing"
+                ) from None
+            raise
     return _local(uri).exists()
 
 
@@ -107,6 +130,26 @@ def delete(uri: str) -> None:
 def delete_prefix(uri: str) -> None:
     for u in list_prefix(uri):
         delete(u)
+
+
+def delete_tree(uri: str) -> None:
+    """Everything under a prefix; locally the directories too (hidden temp files included)."""
+    if _is_s3(uri):
+        delete_prefix(uri)
+    else:
+        import shutil
+
+        if _local(uri).exists():  # a missing tree is not an error (retries stay idempotent)
+            shutil.rmtree(_local(uri))
+
+
+def s3_endpoint() -> str | None:
+    """A non-AWS S3 endpoint (MinIO, a local S3 server); None means AWS itself."""
+    return os.environ.get("BABELSYNTH_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def s3_max_attempts() -> int:
+    return int(os.environ.get("BABELSYNTH_S3_MAX_ATTEMPTS", "8"))
 
 
 def upload_file(path: str | os.PathLike, uri: str) -> None:
@@ -150,8 +193,33 @@ def download_file(uri: str, path: str | os.PathLike) -> None:
         raise
 
 
-def parquet_source(uri: str):
-    """What pyarrow reads: a local path (memory-mapped, read lazily) or the S3 object's bytes."""
-    import io
+@functools.cache
+def _s3_filesystem(endpoint: str | None, region: str | None):
+    from pyarrow import fs
 
-    return io.BytesIO(read_bytes(uri)) if _is_s3(uri) else _local(uri)
+    # the standard AWS credential chain (env, ~/.aws, instance profile); only the endpoint is ours
+    # the same retry budget as the boto3 client: throttling, 5xx and resets are retried with backoff
+    retry = fs.AwsStandardS3RetryStrategy(max_attempts=s3_max_attempts())
+    return fs.S3FileSystem(endpoint_override=endpoint, region=region or "us-east-1", retry_strategy=retry)
+
+
+def arrow_filesystem(uri: str):
+    """(pyarrow filesystem, path inside it) for a URI: reads through it are ranged (S3 GETs with a Range)."""
+    if _is_s3(uri):
+        bucket, key = _split_s3(uri)
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        return _s3_filesystem(s3_endpoint(), region), f"{bucket}/{key}"
+    from pyarrow import fs
+
+    return fs.LocalFileSystem(), str(_local(uri).absolute())
+
+
+def open_input(uri: str):
+    """A random-access file (pyarrow NativeFile): only the byte ranges asked for are read."""
+    fs, path = arrow_filesystem(uri)
+    return fs.open_input_file(path)
+
+
+def parquet_source(uri: str):
+    """What pyarrow reads: a local path, or a ranged S3 file (never the whole object in memory)."""
+    return open_input(uri) if _is_s3(uri) else _local(uri)

@@ -47,7 +47,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from babelsynth.paths import REPO_ROOT
+from babelsynth.paths import source_checkout
 
 DEFAULT_KV_CACHE_BYTES = 64 << 20
 # Compact JSON for structured outputs. vLLM 0.32 reads disable_any_whitespace ONLY from the server config (the
@@ -62,9 +62,12 @@ class VLLMServerError(RuntimeError):
 
 
 def default_vllm_python() -> Path:
-    """``$BABELSYNTH_VLLM_PYTHON`` if set, else ``<repo>/.venv-vllm/bin/python``."""
+    """``$BABELSYNTH_VLLM_PYTHON`` if set, else ``.venv-vllm/bin/python`` of the source checkout (or of the
+    working directory for an installed package)."""
     env = os.environ.get("BABELSYNTH_VLLM_PYTHON")
-    return Path(env) if env else REPO_ROOT / ".venv-vllm" / "bin" / "python"
+    if env:
+        return Path(env)
+    return (source_checkout() or Path.cwd()) / ".venv-vllm" / "bin" / "python"
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from babelsynth.cache import Cache, cache_key
+from babelsynth.progress import Progress
 
 
 class BackendError(RuntimeError):
@@ -115,7 +116,8 @@ class CachedChatClient(ABC):
     """Cache lookup and store around a backend's fetch; stages see only chat_many and count_tokens.
 
     Counters for stage stats, tests and benchmarks: `sent` (requests that reached the backend; HTTP
-    retries included), `completed` (answers delivered, refusals included), `tokenize_sent`.
+    retries included), `completed` (answers delivered, refusals included), `tokenize_sent`, and the
+    prompt/completion tokens of the answers the model produced (cache hits excluded).
     """
 
     def __init__(self, cfg: Any, cache: Cache | None = None):
@@ -124,6 +126,16 @@ class CachedChatClient(ABC):
         self.sent = 0
         self.completed = 0
         self.tokenize_sent = 0
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+
+    def usage(self) -> dict[str, int]:
+        """The model's own work (what a run pays for), in the keys every backend reports."""
+        return {
+            "model_calls": self.sent,
+            "tokens_in": self.prompt_tokens,
+            "tokens_out": self.completion_tokens,
+        }
 
     @property
     def model_id(self) -> str:
@@ -146,9 +158,13 @@ class CachedChatClient(ABC):
                 if self.cache and res.error is None:  # a refusal is the row's outcome, not a cached answer
                     self.cache.put(k, res.record())
                 self.completed += 1
+                self.prompt_tokens += res.prompt_tokens or 0
+                self.completion_tokens += res.completion_tokens or 0
                 fresh[k] = res
+                prog.advance()
 
-            self._fetch(list(todo.values()), deliver)
+            with Progress(len(todo_keys), "requests") as prog:
+                self._fetch(list(todo.values()), deliver)
             missing = len(todo_keys) - len(fresh)
             if missing:
                 raise BackendError(f"{self!r} gave no answer to {missing} of {len(todo_keys)} requests")

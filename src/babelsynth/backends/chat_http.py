@@ -1,7 +1,11 @@
 """OpenAI-compatible chat backend (a vLLM server in production and in tests): the fetch only.
 
-Async requests under a semaphore keep the server's batch full; timeouts, 429 and 5xx are retried with
-exponential backoff; a status saying the endpoint or key is wrong fails the task at once. The cache is the
+Async requests under a semaphore keep the server's batch full. Error classes: connection errors, timeouts,
+408, 429 and 5xx are the server's state, retried with exponential backoff, then the task fails
+(BackendError; never a row outcome, so nothing is persisted and a retry asks again); a 400 speaks about
+that one request's content (e.g. longer than the context) and becomes that row's reject; any other 4xx
+(401/403 key, 404 model, 413 a proxy's body limit, 422 an API mismatch, ...) would fail every request,
+so it fails the task at once. The cache is the
 base client's (backends/chat.py). The API key is read from the env var the config names (`api_key_env`)
 and lives only in the request headers: never in a log line, a repr or an error message.
 """
@@ -19,8 +23,8 @@ from babelsynth.cache import Cache
 from babelsynth.config import OpenAIHTTPBackend
 
 log = logging.getLogger(__name__)
-# A status that says the endpoint or its credentials are wrong: no row can succeed, so fail the task at once.
-_FATAL_4XX = (401, 403, 404, 405)
+RETRIED_4XX = (408, 429)  # the server is busy or slow: like a 5xx
+ROW_STATUS = (400,)  # about this request's content: the row's outcome
 
 
 class OpenAIHTTPClient(CachedChatClient):
@@ -97,14 +101,15 @@ class OpenAIHTTPClient(CachedChatClient):
                 last = f"{type(e).__name__}: {e}"
                 log.info("retrying %s after attempt %d: %s", url, tries, last)
                 continue
-            if r.status_code == 429 or r.status_code >= 500:
+            if r.status_code in RETRIED_4XX or r.status_code >= 500:
                 last = f"HTTP {r.status_code}: {r.text[:200]}"
                 log.info("retrying %s after attempt %d: %s", url, tries, last)
                 continue
-            if r.status_code in _FATAL_4XX:
+            if r.status_code >= 400 and r.status_code not in ROW_STATUS:
                 raise BackendError(
                     f"model server at {url} (model {self.cfg.model!r}) answered HTTP {r.status_code}: "
-                    f"{r.text[:200]} (check the URL, the model name and the API key)",
+                    f"{r.text[:200]} (every request would fail: check the URL, the model name, the API key "
+                    "and any proxy in between)",
                     status=r.status_code,
                 )
             return r
@@ -114,7 +119,7 @@ class OpenAIHTTPClient(CachedChatClient):
 
     async def _chat(self, client: httpx.AsyncClient, req: ChatRequest, abort: asyncio.Event) -> ChatResult:
         r = await self._send(client, self.url, req.payload(self.cfg.model), "sent", abort)
-        if r.status_code >= 400:  # deterministic refusal of this one request: the row decides, not the run
+        if r.status_code in ROW_STATUS:  # a refusal of this one request's content: the row's outcome
             return ChatResult("", None, 0, 0, error=f"HTTP {r.status_code}: {r.text[:300]}")
         data = r.json()
         choice = data["choices"][0]
@@ -152,7 +157,7 @@ class OpenAIHTTPClient(CachedChatClient):
                             "tokenize_sent",
                         )
                     except BackendError as e:
-                        if e.status in (404, 405):
+                        if e.status is not None:  # no usable /tokenize (404, 405, ...): metrics count words
                             self._tokenize_ok = False
                             return
                         raise

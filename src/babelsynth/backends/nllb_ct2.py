@@ -1,4 +1,8 @@
-"""NLLB-200 through CTranslate2, driven by sentencepiece alone (no torch at run time).
+"""NLLB-200 through CTranslate2, driven by its tokenizer alone (no torch at run time).
+
+The directory is what `ct2-transformers-converter` writes (model.bin, config.json, shared_vocabulary.json)
+plus the tokenizer: `sentencepiece.bpe.model` (copied with `--copy_files`) or, as ready-made conversions
+ship, the Hugging Face `tokenizer.json`; both give the same pieces.
 
 Source tokens follow the NLLB convention `[src_lang] + pieces + ["</s>"]`; the target code is the prefix
 and is dropped from the output. Texts are cut by `segment.split` (sentences, list items, table cells;
@@ -20,9 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+import regex
+
 from babelsynth.cache import Cache, cache_key
 from babelsynth.config import CT2NLLBBackend
 from babelsynth.languages import FLORES_200, SOURCE_LANG
+from babelsynth.progress import Progress
 from babelsynth.segment import reassemble, split
 
 log = logging.getLogger(__name__)
@@ -34,7 +41,7 @@ CONTROL_TOKENS: frozenset[str] = FLORES_200 | {"<s>", "<pad>", "<mask>", EOS}
 # Scripts written without spaces: chunks of an over-long segment are joined without one.
 _NO_SPACE_SCRIPTS = ("_Hans", "_Hant", "_Jpan", "_Thai", "_Khmr", "_Laoo", "_Mymr", "_Tibt")
 _CLAUSE_END = re.compile(r"[,;:)\]»”\"'、，；：]$")
-CACHE_VERSION = 2  # bump when the decoding or cleaning of outputs, or the cached value, changes
+CACHE_VERSION = 3  # bump when the decoding or cleaning of outputs, or the cached value, changes
 MAX_SEGMENTS_PER_CALL = (
     8192  # unique (segment, target) pairs per engine call: memory stays flat on big shards
 )
@@ -92,26 +99,86 @@ def clean_hypothesis(tokens: list[str], tgt: str) -> tuple[list[str], bool]:
     return [t for t in body if t not in CONTROL_TOKENS], complete
 
 
-def _joiner(tgt: str) -> str:
-    return "" if tgt.endswith(_NO_SPACE_SCRIPTS) else " "
+_UNSPACED_CHAR = regex.compile(
+    r"[\p{Han}\p{Hiragana}\p{Katakana}\p{Thai}\p{Khmer}\p{Lao}\p{Myanmar}\p{Tibetan}\p{P}]"
+)
+
+
+def join_chunks(chunks: list[tuple[str, bool]], tgt: str) -> str:
+    """Translations of the chunks of one over-long segment, put back together.
+
+    Each chunk comes with whether its source started a new word (a space before it). A cut inside a word is
+    joined without a space; a cut between words keeps its space, except between two characters of a script
+    written without spaces (or punctuation) when the target is such a language (zh/ja/th/...)."""
+    out = ""
+    for text, spaced in chunks:
+        if not text:
+            continue
+        if out and spaced:
+            unspaced = tgt.endswith(_NO_SPACE_SCRIPTS) and (
+                _UNSPACED_CHAR.match(out[-1]) or _UNSPACED_CHAR.match(text[0])
+            )
+            out += "" if unspaced else " "
+        out += text
+    return out
 
 
 _ENGINES: dict[tuple, object] = {}
 _ENGINES_LOCK = threading.Lock()
 
 
-def load_engine(path: str, device: str, compute_type: str, inter: int, intra: int):
+def load_engine(path: str, device: str, compute_type: str, inter: int, intra: int, device_index: int = 0):
     """One loaded model per process and settings: a run over many shards loads the weights once."""
     import ctranslate2
 
-    key = (path, device, compute_type, inter, intra)
+    key = (path, device, compute_type, inter, intra, device_index)
     with _ENGINES_LOCK:
         if key not in _ENGINES:
             _ENGINES.clear()  # at most one translator model resident
             _ENGINES[key] = ctranslate2.Translator(
-                path, device=device, compute_type=compute_type, inter_threads=inter, intra_threads=intra
+                path,
+                device=device,
+                device_index=device_index,
+                compute_type=compute_type,
+                inter_threads=inter,
+                intra_threads=intra,
             )
         return _ENGINES[key]
+
+
+class TokenizerJSONPieces:
+    """The `tokenizer.json` of a Hugging Face NLLB tokenizer behind sentencepiece's encode/decode calls.
+
+    Pieces only: the language code and </s> are added by the translator (add_special_tokens=False)."""
+
+    def __init__(self, path: Path):
+        from tokenizers import Tokenizer
+
+        self.tk = Tokenizer.from_file(str(path))
+
+    def encode(self, text: str | list[str], out_type=str) -> list[str] | list[list[str]]:
+        if out_type is not str:
+            raise ValueError("only pieces (out_type=str) are supported")
+        if isinstance(text, str):
+            return self.tk.encode(text, add_special_tokens=False).tokens
+        return [e.tokens for e in self.tk.encode_batch(text, add_special_tokens=False)]
+
+    def decode(self, pieces: list[str]) -> str:
+        return self.tk.decoder.decode(pieces) if pieces else ""
+
+
+def load_tokenizer(path: Path):
+    """sentencepiece.bpe.model when the dir has it, else tokenizer.json; an error naming both otherwise."""
+    if (path / "sentencepiece.bpe.model").exists():
+        import sentencepiece as spm
+
+        return spm.SentencePieceProcessor(model_file=str(path / "sentencepiece.bpe.model"))
+    if (path / "tokenizer.json").exists():
+        return TokenizerJSONPieces(path / "tokenizer.json")
+    raise FileNotFoundError(
+        f"{path} has no NLLB tokenizer: convert with `ct2-transformers-converter ... --copy_files "
+        f"sentencepiece.bpe.model` or copy the model's sentencepiece.bpe.model or tokenizer.json into it"
+    )
 
 
 def _vocabulary(path: Path) -> set[str] | None:
@@ -127,24 +194,25 @@ def _vocabulary(path: Path) -> set[str] | None:
 class NLLBTranslator:
     def __init__(self, cfg: CT2NLLBBackend, cache: Cache | None = None):
         import ctranslate2
-        import sentencepiece as spm
+
+        from babelsynth import gpu
 
         path = Path(cfg.path)
-        spm_file = path / "sentencepiece.bpe.model"
-        if not (path / "model.bin").exists() or not spm_file.exists():
+        if not (path / "model.bin").exists():
             raise FileNotFoundError(
-                f"{path} is not a CTranslate2 NLLB dir (needs model.bin and sentencepiece.bpe.model)"
+                f"{path} is not a CTranslate2 model dir (no model.bin): convert NLLB with "
+                f"ct2-transformers-converter (docs/real-models.md)"
             )
         self.cfg = cfg
         self.cache = cache
         self.model_id = cfg.model_id or path.name
-        self.device, self.compute_type = select_device(
-            cfg.device, cfg.compute_type, ctranslate2.get_cuda_device_count()
-        )
-        self.sp = spm.SentencePieceProcessor(model_file=str(spm_file))
-        self.engine = load_engine(
-            str(path), self.device, self.compute_type, cfg.inter_threads, cfg.intra_threads
-        )
+        n_cuda = ctranslate2.get_cuda_device_count()
+        self.device, self.compute_type = select_device(cfg.device, cfg.compute_type, n_cuda)
+        self.device_index = 0
+        if self.device == "cuda":
+            self.device_index = cfg.device_index if cfg.device_index is not None else gpu.claim_device(n_cuda)
+        self.sp = load_tokenizer(path)  # sentencepiece, or tokenizer.json with the same encode/decode
+        self._engine = None  # loaded on the first segment the cache cannot answer
         vocab = _vocabulary(path)  # suppress only tokens the model has (an unknown one would map to <unk>)
         self._suppress = None if vocab is None else [[t] for t in sorted((CONTROL_TOKENS - {EOS}) & vocab)]
         c = cfg
@@ -159,8 +227,38 @@ class NLLBTranslator:
             suppress=self._suppress is not None,
         )
         # engine_calls, segments_translated (unique segment x target sent), chunks, cache_hits,
-        # max_source_tokens
+        # max_source_tokens, tokens_in / tokens_out (source and output tokens through the engine)
         self.stats: Counter[str] = Counter()
+
+    def usage(self) -> dict[str, int]:
+        """The engine's own work (cache hits excluded), in the keys every backend reports."""
+        return {
+            "model_calls": self.stats["engine_calls"],
+            "tokens_in": self.stats["tokens_in"],
+            "tokens_out": self.stats["tokens_out"],
+        }
+
+    @property
+    def engine(self):
+        if self._engine is None:
+            c = self.cfg
+            self._engine = load_engine(
+                str(c.path),
+                self.device,
+                self.compute_type,
+                c.inter_threads,
+                c.intra_threads,
+                self.device_index,
+            )
+        return self._engine
+
+    @engine.setter
+    def engine(self, value) -> None:
+        self._engine = value
+
+    @property
+    def loaded(self) -> bool:
+        return self._engine is not None
 
     @property
     def engine_calls(self) -> int:
@@ -182,14 +280,17 @@ class NLLBTranslator:
         result = {p: SegmentResult(*hits[k]) for p, k in keys.items() if k in hits}
         self.stats["cache_hits"] += len(result)
         todo = [p for p in uniq if p not in result]
-        for i in range(0, len(todo), MAX_SEGMENTS_PER_CALL):  # bounded memory; each finished group is cached
-            fresh = self._engine_call(todo[i : i + MAX_SEGMENTS_PER_CALL])
-            if self.cache:
-                self.cache.put_many({keys[p]: list(v) for p, v in fresh.items()})
-            result.update(fresh)
+        with Progress(len(todo), "segments") as prog:
+            for i in range(0, len(todo), MAX_SEGMENTS_PER_CALL):  # bounded memory; each group is cached
+                fresh = self._engine_call(todo[i : i + MAX_SEGMENTS_PER_CALL], prog)
+                if self.cache:
+                    self.cache.put_many({keys[p]: list(v) for p, v in fresh.items()})
+                result.update(fresh)
         return result
 
-    def _engine_call(self, todo: list[tuple[str, str]]) -> dict[tuple[str, str], SegmentResult]:
+    def _engine_call(
+        self, todo: list[tuple[str, str]], prog: Progress | None = None
+    ) -> dict[tuple[str, str], SegmentResult]:
         limit = self.cfg.max_input_tokens - 2  # room for the source code and </s>
         jobs: list[tuple[tuple[str, str], int, list[str]]] = []
         texts = sorted({seg for seg, _ in todo})  # a segment wanted in several targets is encoded once
@@ -219,18 +320,26 @@ class NLLBTranslator:
         self.stats["engine_calls"] += 1
         self.stats["chunks"] += len(jobs)
         self.stats["max_source_tokens"] = max(self.stats["max_source_tokens"], *map(len, src))
-        parts: dict[tuple[str, str], dict[int, str]] = {p: {} for p in todo}
+        self.stats["tokens_in"] += sum(map(len, src))
+        parts: dict[tuple[str, str], dict[int, tuple[str, bool]]] = {p: {} for p in todo}
         trunc = dict.fromkeys(todo, False)
-        for (p, i, _), fut in zip(jobs, futures, strict=True):
-            toks, complete = clean_hypothesis(fut.result().hypotheses[0], p[1])
+        pending = Counter(p for p, _, _ in jobs)  # chunks still out per segment: progress counts segments
+        for (p, i, src_toks), fut in zip(jobs, futures, strict=True):
+            hyp = fut.result().hypotheses[0]
+            self.stats["tokens_out"] += len(hyp)
+            toks, complete = clean_hypothesis(hyp, p[1])
             trunc[p] = trunc[p] or not complete
-            parts[p][i] = self.sp.decode(toks).strip()
+            spaced = bool(src_toks) and src_toks[0].startswith("▁")  # the source chunk starts a word
+            parts[p][i] = (self.sp.decode(toks).strip(), spaced)
+            pending[p] -= 1
+            if prog is not None and not pending[p]:
+                prog.advance()
         self.stats["segments_translated"] += len(todo)
         return {
             p: SegmentResult(
-                _joiner(p[1]).join(x for _, x in sorted(parts[p].items()) if x),
+                join_chunks([c for _, c in sorted(parts[p].items())], p[1]),
                 trunc[p],
-                sum(not x for x in parts[p].values()),
+                sum(not x for x, _ in parts[p].values()),
             )
             for p in todo
         }

@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import json
+import logging
 import os
 import queue
 import signal
@@ -25,6 +26,7 @@ from babelsynth.backends.chat import BackendError, CachedChatClient, ChatRequest
 from babelsynth.config import VLLMOfflineBackend
 
 _WORKER = Path(__file__).resolve().with_name("vllm_worker.py")
+log = logging.getLogger(__name__)
 
 
 class _Worker:
@@ -46,7 +48,8 @@ class _Worker:
         env = dict(os.environ)
         for k in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "VLLM_CPU_KVCACHE_SPACE"):
             env.pop(k, None)
-        env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in-process: less RAM, faster start
+        # CPU-only engine settings (in-process engine, whole prefills) are decided in the worker, which sees
+        # the device: on a GPU vLLM keeps its defaults.
         env.update(
             HF_HUB_OFFLINE="1",
             TRANSFORMERS_OFFLINE="1",
@@ -110,6 +113,9 @@ class _Worker:
             last: dict = {}
             while True:
                 m = self._next()
+                if m.get("fatal"):  # the engine failed (died, OOM): the worker exits; the next call restarts
+                    self.close()
+                    raise BackendError(f"{self.label} failed: {m['fatal']}\n{self.log_tail()}")
                 if m.get("done"):
                     return last
                 if "i" in m and on_item is not None:
@@ -178,18 +184,43 @@ class VLLMOfflineClient(CachedChatClient):
     """Chat and token counts from the engine worker of this config's spec."""
 
     cfg: VLLMOfflineBackend
+    restarts = 0  # engine restarts this client caused (for stats and tests)
 
     def __repr__(self) -> str:
         return f"VLLMOfflineClient(path={self.cfg.path!r}, model={self.cfg.model!r})"
 
     def _fetch(self, requests: list[ChatRequest], deliver: Deliver) -> None:
-        def on_item(m: dict) -> None:
-            res = ChatResult(**m["result"]) if "result" in m else ChatResult("", None, 0, 0, error=m["error"])
-            deliver(m["i"], res)
+        """Every request, through the engine worker; when the engine dies (or reports a failure) it is
+        restarted up to max_restarts times for the requests not yet answered (answers already delivered
+        are cached), then BackendError fails the task."""
+        delivered: set[int] = set()
+        failure: BackendError | None = None
+        for attempt in range(self.cfg.max_restarts + 1):
+            todo = [i for i in range(len(requests)) if i not in delivered]
+            if not todo:
+                return
 
-        self.sent += len(requests)
-        bodies = [r.payload(self.cfg.model) for r in requests]
-        worker_for(self.cfg).call({"op": "chat", "requests": bodies}, on_item)
+            def on_item(m: dict, todo: list[int] = todo) -> None:
+                i = todo[m["i"]]
+                ok = "result" in m
+                deliver(i, ChatResult(**m["result"]) if ok else ChatResult("", None, 0, 0, error=m["error"]))
+                delivered.add(i)
+
+            self.sent += len(todo)
+            bodies = [requests[i].payload(self.cfg.model) for i in todo]
+            try:
+                worker_for(self.cfg).call({"op": "chat", "requests": bodies}, on_item)
+                return
+            except BackendError as e:
+                failure = e
+                self.restarts += attempt < self.cfg.max_restarts
+                log.warning(
+                    "vLLM engine failed (%s of %s restarts used): %s", attempt, self.cfg.max_restarts, e
+                )
+        raise BackendError(
+            f"vLLM engine for {self.cfg.path} failed {self.cfg.max_restarts + 1} time(s) "
+            f"(models.<role>.max_restarts={self.cfg.max_restarts}): {failure}"
+        )
 
     def _fetch_token_counts(self, texts: list[str]) -> list[int | None]:
         self.tokenize_sent += len(texts)

@@ -36,23 +36,32 @@ class StageResult:
     `counted_in` is the identities the stage took responsibility for, when that is not simply its input
     (translate expands one English row into (row, language) jobs and counts them from the jobs, never from
     its output). `artifacts` are extra tables the runner stores beside the result: {name: (schema, rows)}.
-    `stats` are stage-specific counters that the manifest adds up."""
+    `stats` are stage-specific counters that the manifest adds up. `errors` is how many rows ended in a
+    request error (a server refusing that one request); the runner fails the task instead of writing when
+    they pass run.max_error_rate."""
 
     rows: list[dict]
     rejected: list[dict] = field(default_factory=list)
     stats: dict[str, Any] = field(default_factory=dict)
     counted_in: list[Key] | None = None
     artifacts: dict[str, tuple[str, list[dict]]] = field(default_factory=dict)
+    errors: int = 0
 
 
 @dataclass(frozen=True)
 class Stage:
-    """A stage as the registry and the runner see it. `reads`/`writes` are enforced on every shard."""
+    """A stage as the registry and the runner see it. `reads`/`writes` are enforced on every shard.
+
+    `config`: the dotted config keys the stage's output depends on; its result records their fingerprint
+    (babelsynth/fingerprint.py), so a re-trigger with other values is refused naming them, or, for a stage
+    with `redo_on_change` (no generative model in it), redone."""
 
     name: str
     fn: Callable[[Context, list[dict]], StageResult]
     reads: tuple[str, ...]
     writes: tuple[str, ...]
+    config: tuple[str, ...] = ()
+    redo_on_change: bool = False
 
 
 @dataclass

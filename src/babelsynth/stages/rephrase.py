@@ -15,8 +15,10 @@ from babelsynth.languages import SOURCE_LANG, language_name
 from babelsynth.prompts import load_prompt
 from babelsynth.stages.base import Context, Stage, StageResult, stable_seed
 
-READS = ("lang", "prompt_en", "answer_en", "draft_prompt", "draft_answer")
-WRITES = ("rephrase_prompt", "rephrase_answer", "rephrase_status", "rephraser_model")
+READS = ("lang", "prompt_en", "answer_en", "draft_prompt", "draft_answer", "followups_en", "followups_draft")
+WRITES = ("rephrase_prompt", "rephrase_answer", "followups_rephrase", "rephrase_status", "rephraser_model")
+# config keys the output depends on (fingerprint.py)
+CONFIG = ("models.rephraser", "rephrase")
 
 _OPEN = re.compile(r"<\s*translation\b[^<>]*>", re.IGNORECASE)
 _CLOSE = re.compile(r"<\s*/\s*translation\s*>", re.IGNORECASE)
@@ -91,6 +93,25 @@ def structure_problem(source: str, draft: str, text: str) -> str | None:
     return None
 
 
+def text_parts(row: dict) -> list[tuple[str, str | None]]:
+    """(English text, its draft) of every turn of a translated sample, in conversation order."""
+    more_en, more_draft = row.get("followups_en") or [], row.get("followups_draft") or []
+    return [(row["prompt_en"], row["draft_prompt"]), (row["answer_en"], row["draft_answer"])] + [
+        (t["content"], d) for t, d in zip(more_en, more_draft)
+    ]
+
+
+BUDGET_FLOOR = 64  # tokens every rephrase may use, whatever its length (tags, a short answer in any script)
+
+
+def token_budget(max_tokens: int, per_char: float | None, source: str, draft: str) -> int:
+    """max_tokens of one rephrase request: proportional to its text, so a model caught in a loop stops
+    early (the answer is then `truncated` and the draft kept) instead of generating up to max_tokens."""
+    if per_char is None:
+        return max_tokens
+    return min(max_tokens, int(per_char * max(len(source), len(draft))) + BUDGET_FLOOR)
+
+
 def rephrase(ctx: Context, rows: list[dict]) -> StageResult:
     """LLM post-edit of each draft given the English original; an unusable answer keeps the draft.
 
@@ -100,7 +121,14 @@ def rephrase(ctx: Context, rows: list[dict]) -> StageResult:
     rc = ctx.cfg.rephrase
     todo = [i for i, r in enumerate(rows) if r["lang"] != SOURCE_LANG]
     out = [
-        dict(r, rephrase_prompt=None, rephrase_answer=None, rephrase_status="source", rephraser_model=None)
+        dict(
+            r,
+            rephrase_prompt=None,
+            rephrase_answer=None,
+            followups_rephrase=None,
+            rephrase_status="source",
+            rephraser_model=None,
+        )
         for r in rows
     ]
     if not rc.enabled or not todo:
@@ -109,27 +137,25 @@ def rephrase(ctx: Context, rows: list[dict]) -> StageResult:
         return StageResult(out)
     client = ctx.chat("rephraser")
     p = load_prompt("rephrase", "translation", rc.prompt_version)
-    parts = (
-        ("prompt_en", "draft_prompt", "rephrase_prompt"),
-        ("answer_en", "draft_answer", "rephrase_answer"),
-    )
+    parts = {i: text_parts(rows[i]) for i in todo}
     uniq: dict[tuple[str, str, str], int] = {}
     reqs = []
     for i in todo:
         r = rows[i]
-        for src_col, draft_col, _ in parts:
-            key = (r["lang"], r[src_col], r[draft_col] or "")
+        for src, draft in parts[i]:
+            key = (r["lang"], src, draft or "")
             if key[2].strip() and key not in uniq:
                 uniq[key] = len(reqs)
                 msgs = p.render(source=key[1], draft=key[2], language=language_name(key[0]))
-                reqs.append(ChatRequest(msgs, rc.max_tokens, rc.temperature, seed=stable_seed(rc.seed, *key)))
+                budget = token_budget(rc.max_tokens, rc.tokens_per_char, key[1], key[2])
+                reqs.append(ChatRequest(msgs, budget, rc.temperature, seed=stable_seed(rc.seed, *key)))
     res = client.chat_many(reqs)
     counts: Counter = Counter()
     for i in todo:
-        r, statuses = rows[i], []
-        for src_col, draft_col, out_col in parts:
-            draft = r[draft_col] or ""
-            j = uniq.get((r["lang"], r[src_col], draft))
+        r, statuses, texts = rows[i], [], []
+        for src, maybe_draft in parts[i]:
+            draft = maybe_draft or ""
+            j = uniq.get((r["lang"], src, draft))
             if j is None:
                 text, status = None, "empty_draft"
             elif res[j].error:
@@ -137,16 +163,22 @@ def rephrase(ctx: Context, rows: list[dict]) -> StageResult:
             else:
                 text, status = parse_translation(res[j].text, res[j].finish_reason, draft)
                 if text is not None and rc.keep_structure:
-                    problem = structure_problem(r[src_col], draft, text)
+                    problem = structure_problem(src, draft, text)
                     text, status = (None, problem) if problem else (text, status)
-            out[i][out_col] = text
+            texts.append(text)
             statuses.append(status)
             counts[f"rephrase_{status}"] += 1
-        out[i]["rephrase_status"] = "ok" if statuses == ["ok", "ok"] else ",".join(statuses)
+        out[i]["rephrase_prompt"], out[i]["rephrase_answer"] = texts[0], texts[1]
+        out[i]["followups_rephrase"] = texts[2:]
+        out[i]["rephrase_status"] = "ok" if set(statuses) == {"ok"} else ",".join(statuses)
         out[i]["rephraser_model"] = client.model_id
+    errors = sum("request_rejected" in (out[i]["rephrase_status"] or "") for i in todo)
     return StageResult(
-        out, [], {"requests_sent": getattr(client, "sent", 0), "rephrase_requests": len(reqs), **counts}
+        out,
+        [],
+        {"requests_sent": getattr(client, "sent", 0), "rephrase_requests": len(reqs), **counts},
+        errors=errors,
     )
 
 
-STAGE = Stage("rephrase", rephrase, READS, WRITES)
+STAGE = Stage("rephrase", rephrase, READS, WRITES, CONFIG)

@@ -20,13 +20,18 @@ READS = (
     "answer_en",
     "draft_prompt",
     "draft_answer",
+    "followups_en",
+    "followups_draft",
     "rephrase_prompt",
     "rephrase_answer",
+    "followups_rephrase",
     "rephrase_status",
 )
 WRITES = (
     "prompt",
     "answer",
+    "conversation",
+    "conversation_en",
     "selected",
     "selection_reason",
     "comet_draft",
@@ -44,10 +49,36 @@ WRITES = (
 )
 GATES = ("comet", "mtld", "langid", "length_ratio", "repetition")
 GATE_REASONS = frozenset(f"gate_{g}" for g in GATES)
+# config keys the output depends on (fingerprint.py); score.gates are applied at commit too
+CONFIG = ("models.comet", "score.selection_margin", "run.languages")
 
 
-def _mean(a: float | None, b: float | None) -> float | None:
-    return None if a is None or b is None else (a + b) / 2
+def _mean(values: list[float | None]) -> float | None:
+    return None if any(v is None for v in values) else sum(values) / len(values)
+
+
+def turns_of(row: dict) -> tuple[list[str], list[str], list[str | None], list[str | None]]:
+    """Every turn of a sample, in order: (roles, English, drafts, rephrases); drafts and rephrases are
+    None for English rows. The first exchange is prompt/answer, later turns the followups_* columns."""
+    more = row.get("followups_en") or []
+    roles = ["user", "assistant"] + [t["role"] for t in more]
+    english = [row["prompt_en"], row["answer_en"]] + [t["content"] for t in more]
+    drafts = [row["draft_prompt"], row["draft_answer"]] + list(
+        row.get("followups_draft") or [None] * len(more)
+    )
+    rephrased = [row.get("rephrase_prompt"), row.get("rephrase_answer")] + list(
+        row.get("followups_rephrase") or [None] * len(more)
+    )
+    return roles, english, drafts, rephrased
+
+
+def conversation(roles: list[str], texts: list[str]) -> list[dict]:
+    return [{"role": r, "content": t} for r, t in zip(roles, texts)]
+
+
+def assistant_text(roles: list[str], texts: list[str]) -> str:
+    """What the answer metrics and gates read: the answer, or every assistant turn of a multi-turn sample."""
+    return "\n\n".join(t for r, t in zip(roles, texts) if r == "assistant")
 
 
 # ---------------------------------------------------------------------------------------------- pure gates
@@ -148,39 +179,37 @@ def score(ctx: Context, rows: list[dict]) -> StageResult:
 
     cfg = ctx.cfg
     margin = cfg.score.selection_margin
+    parts = [turns_of(r) for r in rows]
     cand = [
-        (r.get("rephrase_prompt") or r["draft_prompt"], r.get("rephrase_answer") or r["draft_answer"])
-        if r["lang"] != SOURCE_LANG
-        else None
-        for r in rows
+        [rp or d for rp, d in zip(rephrased, drafts)] if r["lang"] != SOURCE_LANG else None
+        for r, (_, _, drafts, rephrased) in zip(rows, parts)
     ]
     pairs: set[tuple[str, str]] = set()
-    for r, c in zip(rows, cand):
+    for (_, english, drafts, _), c in zip(parts, cand):
         if c is not None:
-            pairs |= {(r["prompt_en"], r["draft_prompt"]), (r["answer_en"], r["draft_answer"])}
-            pairs |= {(r["prompt_en"], c[0]), (r["answer_en"], c[1])}
+            pairs |= set(zip(english, drafts)) | set(zip(english, c))
     pair_list = sorted(pairs)
     scorer = ctx.comet() if pair_list else None
     scores = dict(zip(pair_list, scorer.score(pair_list))) if scorer else {}
-    scored = []
-    for idx, (r, c) in enumerate(zip(rows, cand)):
-        out = dict(r, score_index=idx)
+    scored, answers, answers_en = [], [], []
+    for idx, (r, (roles, english, drafts, rephrased), c) in enumerate(zip(rows, parts, cand)):
+        out = dict(r, score_index=idx, conversation_en=conversation(roles, english))
         if c is None:
             out.update(
                 prompt=r["prompt_en"],
                 answer=r["answer_en"],
+                conversation=conversation(roles, english),
                 selected="source",
                 selection_reason="english",
                 comet_draft=None,
                 comet_rephrase=None,
                 comet_final=None,
             )
+            final_texts = english
         else:
-            d = _mean(
-                scores[(r["prompt_en"], r["draft_prompt"])], scores[(r["answer_en"], r["draft_answer"])]
-            )
-            has_rp = r.get("rephrase_prompt") is not None or r.get("rephrase_answer") is not None
-            rp = _mean(scores[(r["prompt_en"], c[0])], scores[(r["answer_en"], c[1])]) if has_rp else None
+            d = _mean([scores[(e, t)] for e, t in zip(english, drafts)])
+            has_rp = any(x is not None for x in rephrased)
+            rp = _mean([scores[(e, t)] for e, t in zip(english, c)]) if has_rp else None
             if rp is None:
                 sel, why = "draft", f"rephrase unusable ({r.get('rephrase_status')})"
             elif rp >= d - margin:
@@ -189,38 +218,43 @@ def score(ctx: Context, rows: list[dict]) -> StageResult:
                 sel, why = "draft", f"rephrase QE {rp:.4f} < draft {d:.4f} - margin {margin}"
             if sel == "rephrase" and r.get("rephrase_status") != "ok":
                 why += f"; parts without a usable rephrase keep the draft ({r.get('rephrase_status')})"
-            final = (c[0], c[1], rp) if sel == "rephrase" else (r["draft_prompt"], r["draft_answer"], d)
+            final_texts, final_qe = (c, rp) if sel == "rephrase" else (drafts, d)
             out.update(
-                prompt=final[0],
-                answer=final[1],
-                comet_final=final[2],
+                prompt=final_texts[0],
+                answer=final_texts[1],
+                conversation=conversation(roles, final_texts),
+                comet_final=final_qe,
                 selected=sel,
                 selection_reason=why,
                 comet_draft=d,
                 comet_rephrase=rp,
             )
+        answers.append(assistant_text(roles, final_texts))
+        answers_en.append(assistant_text(roles, english))
         scored.append(out)
     candidates = metrics.langid_candidates(cfg.run.languages)
-    ids = metrics.langid([o["answer"] for o in scored], [o["lang"] for o in scored], candidates)
-    for out, (lid_lang, lid_conf) in zip(scored, ids):
-        m, n_tok = metrics.mtld(out["answer"], out["lang"])
+    ids = metrics.langid(answers, [o["lang"] for o in scored], candidates)
+    for out, answer, answer_en, (lid_lang, lid_conf) in zip(scored, answers, answers_en, ids):
+        m, n_tok = metrics.mtld(answer, out["lang"])
         out.update(
             mtld=m,
             mtld_tokens=n_tok,
             langid_conf=lid_conf,
             langid_lang=lid_lang,
-            langid_chars=metrics.langid_chars(out["answer"]),
-            length_ratio=None
-            if out["lang"] == SOURCE_LANG
-            else metrics.length_ratio(out["answer"], out["answer_en"]),
-            repetition=metrics.repetition(out["answer"], out["lang"]),
+            langid_chars=metrics.langid_chars(answer),
+            length_ratio=None if out["lang"] == SOURCE_LANG else metrics.length_ratio(answer, answer_en),
+            repetition=metrics.repetition(answer, out["lang"]),
         )
     thresholds = comet_thresholds(cfg, {o["lang"] for o in scored})  # quantile rules: resolved at commit
     kept, rejected = apply_gates(scored, cfg, thresholds)
     stats = {"comet_pairs": len(pair_list)}
     if scorer is not None:
-        stats.update(comet_calls=scorer.calls, comet_split_pairs=getattr(scorer, "split_pairs", 0))
+        stats.update(
+            comet_calls=scorer.calls,
+            comet_split_pairs=getattr(scorer, "split_pairs", 0),
+            comet_segments=getattr(scorer, "segments_scored", 0),  # what reached the model (not cached)
+        )
     return StageResult(kept, rejected, stats)
 
 
-STAGE = Stage("score", score, READS, WRITES)
+STAGE = Stage("score", score, READS, WRITES, CONFIG, redo_on_change=True)

@@ -8,8 +8,25 @@ from babelsynth.config import RunConfig
 from babelsynth.languages import SOURCE_LANG
 from babelsynth.stages.base import Context, Stage, StageResult, flag_or_reject, stable_seed
 
-READS = ("source_id", "question", "answer_en", "filter_flags")
-WRITES = ("lang", "prompt_en", "draft_prompt", "draft_answer", "translator_model", "filter_flags")
+READS = ("source_id", "question", "answer_en", "followups_en", "filter_flags")
+WRITES = (
+    "lang",
+    "prompt_en",
+    "draft_prompt",
+    "draft_answer",
+    "followups_draft",
+    "translator_model",
+    "filter_flags",
+)
+# config keys the output depends on (fingerprint.py)
+CONFIG = (
+    "models.translator",
+    "translate",
+    "run.languages",
+    "run.language_ratio",
+    "run.language_ratios",
+    "run.seed",
+)
 
 
 def languages_for(cfg: RunConfig, source_id: str) -> list[str]:
@@ -23,7 +40,8 @@ def languages_for(cfg: RunConfig, source_id: str) -> list[str]:
 
 
 def translate(ctx: Context, rows: list[dict]) -> StageResult:
-    """NLLB drafts of prompt and answer, translated separately (they keep their roles); English passes.
+    """NLLB drafts of every turn, each translated as its own text (roles and order kept): prompt and answer
+    of the first exchange, then `followups_draft` for later turns; English passes.
 
     One English row becomes one row per language it is assigned to (plus itself): the stage counts in the
     (row, language) jobs it was given, before any engine call. All languages of the shard go to the engine
@@ -40,6 +58,7 @@ def translate(ctx: Context, rows: list[dict]) -> StageResult:
                 "prompt_en": r["question"],
                 "draft_prompt": None,
                 "draft_answer": None,
+                "followups_draft": None,
                 "translator_model": None,
             }
         )
@@ -49,21 +68,28 @@ def translate(ctx: Context, rows: list[dict]) -> StageResult:
     if jobs:
         tr = ctx.translator()
         before = Counter(tr.stats)
-        res = tr.translate_many([(t, lang) for r, lang in jobs for t in (r["question"], r["answer_en"])])
-        for k, (r, lang) in enumerate(jobs):
-            p, a = res[2 * k], res[2 * k + 1]
+        texts = [
+            [r["question"], r["answer_en"], *(t["content"] for t in r.get("followups_en") or [])]
+            for r, _ in jobs
+        ]
+        res = tr.translate_many([(t, lang) for (_, lang), ts in zip(jobs, texts) for t in ts])
+        at = 0
+        for (r, lang), ts in zip(jobs, texts):
+            got, at = res[at : at + len(ts)], at + len(ts)
             row = {
                 **r,
                 "lang": lang,
                 "prompt_en": r["question"],
-                "draft_prompt": p.text,
-                "draft_answer": a.text,
+                "draft_prompt": got[0].text,
+                "draft_answer": got[1].text,
+                "followups_draft": [g.text for g in got[2:]],
                 "translator_model": tr.model_id,
             }
             problems = []
-            if p.empty or a.empty:
-                problems.append(("translation_empty", f"{p.empty + a.empty} segment(s) came back empty"))
-            if p.truncated or a.truncated:
+            empty, truncated = sum(g.empty for g in got), any(g.truncated for g in got)
+            if empty:
+                problems.append(("translation_empty", f"{empty} segment(s) came back empty"))
+            if truncated:
                 problems.append(("translation_truncated", "a segment hit max_decoding_length"))
             kept_row, dropped = flag_or_reject(row, "translate", problems, ctx.cfg.translate.mode)
             if dropped:
@@ -76,4 +102,4 @@ def translate(ctx: Context, rows: list[dict]) -> StageResult:
     return StageResult(out, rejected, stats, counted_in=counted_in)
 
 
-STAGE = Stage("translate", translate, READS, WRITES)
+STAGE = Stage("translate", translate, READS, WRITES, CONFIG)

@@ -20,12 +20,11 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlparse
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from babelsynth.storage import join, read_bytes
+from babelsynth.storage import join, parquet_source, read_bytes
 from babelsynth.train.config import BUCKETS, MixtureConfig
 
 IGNORE_INDEX = -100
@@ -66,11 +65,8 @@ def resolve_run(uri: str) -> tuple[str, dict]:
 
 
 def _parquet_file(uri: str) -> pq.ParquetFile:
-    """Local files are opened for random access (only the needed column chunks are read); S3 objects
-    are fetched whole because the storage layer has no ranged reads."""
-    if uri.startswith("s3://"):
-        return pq.ParquetFile(io.BytesIO(read_bytes(uri)))
-    return pq.ParquetFile(urlparse(uri).path if uri.startswith("file://") else uri)
+    """Opened for random access, local or S3 (ranged reads): only the needed column chunks are read."""
+    return pq.ParquetFile(parquet_source(uri))
 
 
 def read_shard(uri: str, columns: list[str] = SAMPLE_COLUMNS) -> pa.Table:
@@ -92,7 +88,7 @@ class ImageStore:
     def _file(self, i: int) -> pq.ParquetFile:
         if i not in self._files:
             if self._uris[i].startswith("s3://") and len(self._files) >= self._cache_groups:
-                self._files.pop(next(iter(self._files)))  # keep at most a few whole S3 objects around
+                self._files.pop(next(iter(self._files)))  # keep at most a few S3 files open
             self._files[i] = _parquet_file(self._uris[i])
         return self._files[i]
 
@@ -134,6 +130,8 @@ class SampleFile:
     uri: str
     rows: int
     buckets: frozenset[str]
+    path: str  # relative to the run root, as the manifest lists it: the shuffle's seed, so a run trains
+    # on the same row order wherever it lives (local tmp dir, S3, a copy)
 
 
 class RunData:
@@ -154,7 +152,7 @@ class RunData:
                 buckets = frozenset(
                     bucket_of(x) for x in set(read_shard(uri, ["lang"]).column(0).to_pylist())
                 )
-            self.samples.append(SampleFile(uri, int(f.get("rows", -1)), buckets))
+            self.samples.append(SampleFile(uri, int(f.get("rows", -1)), buckets, f["path"]))
         if not self.samples:
             raise ValueError(f"manifest under {self.root} lists no 'samples' files")
         self.images = ImageStore([join(self.root, f["path"]) for f in files if f.get("table") == "images"])
@@ -330,7 +328,7 @@ class _BucketStream:
         f = self._order()[self.file_pos]
         self._rows = read_shard(f.uri).to_pylist()
         self._perm = list(range(len(self._rows)))
-        random.Random(f"{self.seed}|{self.bucket}|epoch{self.epoch}|{f.uri}").shuffle(self._perm)
+        random.Random(f"{self.seed}|{self.bucket}|epoch{self.epoch}|{f.path}").shuffle(self._perm)
         self._loaded = (self.epoch, self.file_pos)
 
     def next_row(self) -> dict:

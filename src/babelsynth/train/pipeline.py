@@ -13,6 +13,7 @@ import gc
 import json
 import logging
 import os
+from pathlib import Path
 
 from babelsynth.train.config import PHASES, TrainConfig
 from babelsynth.train.merge import PROVENANCE_FILE, check_compatible, merge_llm
@@ -23,6 +24,17 @@ from babelsynth.train.sft import run_phase
 log = logging.getLogger(__name__)
 
 MERGED, EVAL_FILE, SUMMARY_FILE = "merged", "eval.json", "summary.json"
+
+
+def saved_fast_image_processor(model_dir: str) -> bool:
+    """Whether the checkpoint was saved with a fast image processor. Asking for that same kind keeps its
+    preprocessing and says so: with `use_fast` unset, transformers 4.5x logs a notice about its future
+    default on every load, which Airflow shows as an error-level stderr line."""
+    try:
+        cfg = json.loads((Path(model_dir) / "preprocessor_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return str(cfg.get("image_processor_type", "")).endswith("Fast")
 
 
 def train_and_merge(
@@ -41,7 +53,7 @@ def train_and_merge(
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     check_compatible(vlm_dir, text_dir)  # before a single step: a wrong merge base wastes the whole run
     out = Outputs(out_uri, scratch)
-    processor = AutoProcessor.from_pretrained(vlm_dir)
+    processor = AutoProcessor.from_pretrained(vlm_dir, use_fast=saved_fast_image_processor(vlm_dir))
     with process_group(cfg.device) as d:
         phases, src, budget = {}, vlm_dir, stop_after
         for phase in PHASES:
