@@ -46,12 +46,14 @@ FLAGS = [
     "AimServerRequestOnStartupEnabled,PreconnectToSearch,OptimizationHints,Translate,MediaRouter,"
     "AutofillServerCommunication,CertificateTransparencyComponentUpdater,InterestFeedContentSuggestions,"
     "DialMediaRouteProvider,SafeBrowsing",
-    # the sign-in cookie probe and the push-messaging check-in have no off switch: send them to a closed
-    # local port, on the machine
+    # the sign-in cookie probe, the push-messaging check-in and (Chromium 156, despite
+    # --disable-component-update) the component updater's update2/json check have no off switch: send them
+    # to a closed local port, on the machine
     "--gaia-url=http://127.0.0.1:9",
     "--gcm-checkin-url=http://127.0.0.1:9/checkin",
     "--gcm-registration-url=http://127.0.0.1:9/register",
     "--gcm-mcs-endpoint=http://127.0.0.1:9",
+    "--component-updater=url-source=http://127.0.0.1:9/update",
 ]
 
 
