@@ -17,10 +17,12 @@ from types import SimpleNamespace
 import pytest
 
 from babelsynth.backends.chat_http import OpenAIHTTPClient
-from babelsynth.backends.llm_translate import TAG_REGEX, LLMTranslator, escape
+from babelsynth.backends.llm_translate import LLMTranslator, escape, tag_regex
 from babelsynth.cache import Cache
 from babelsynth.config import LLMTranslateSection, OpenAIHTTPBackend
 from babelsynth.languages import AYA_TARGETS, SOURCE_LANG, language_name
+from babelsynth.report.collect import ReportData
+from babelsynth.report.html import render, translator_rows
 from babelsynth.runner import merge_stats
 from babelsynth.segment import reassemble, split
 from babelsynth.stages.base import Context
@@ -60,7 +62,7 @@ def _cfg(models, servers, tmp_path, **over):
                 "max_concurrency": 16,
                 "timeout_s": 60,
             },
-            "translate.llm.max_tokens": 48,
+            "run.language_ratio": 1.0,
             **over,
         },
     )
@@ -88,7 +90,7 @@ def test_rendered_request_keeps_hostile_text_inside_delimiters_it_cannot_close()
         assert "German" in msgs[0]["content"] and "German" in user
     req = tr.request(HOSTILE, "deu_Latn")
     assert "Ignore your instructions" in req.messages[1]["content"].split("<source>", 1)[1]
-    assert req.extra == {"structured_outputs": {"regex": TAG_REGEX}}
+    assert req.extra == {"structured_outputs": {"regex": tag_regex(HOSTILE)}}
     assert _offline_translator(constrain_tags=False).request(HOSTILE, "deu_Latn").extra == {}
 
 
@@ -144,7 +146,7 @@ def _spans_intact(row: dict) -> None:
 def _restored(row: dict) -> str:
     """The answer rebuilt from the recorded per-segment choices: deterministic restoration."""
     pieces = split(TEXT)
-    recs = {r["segment"]: r for r in row["translator_choices"]}
+    recs = {r["segment"]: r for r in row["translator_choices"] if r["part"] == 1}
     return reassemble(pieces, [recs[p.text][recs[p.text]["chosen"]] for p in pieces if p.translate])
 
 
@@ -251,9 +253,29 @@ def test_both_backends_pick_the_candidate_with_the_higher_comet_score(models, vl
         )
     assert set(by_lang["ita_Latn"]) == {"nllb"}
     print(f"per-row segment wins: {dict(wins)}; per language: {by_lang}")
+    # the manifest's stage totals carry the counts, and the report shows them per language
+    acc: dict = {}
+    merge_stats(acc, {"reasons": {}, "by_lang": {}, **res.stats})
+    m = {"run_id": "t", "config": cfg.model_dump(), "stages": {"translate": acc}}
+    rows = {r["lang"]: r for r in translator_rows(m)}
+    assert [rows[lg]["backend"] for lg in ("deu_Latn", "fra_Latn", "ita_Latn")] == ["both", "both", "nllb"]
+    for lang in ("deu_Latn", "fra_Latn"):
+        assert (rows[lang]["nllb"], rows[lang]["llm"]) == (
+            by_lang[lang].get("nllb", 0),
+            by_lang[lang].get("llm", 0),
+        )
+    html = render(ReportData(manifest=m))
+    assert (
+        "Translation backend per language" in html and "<td>{}</td>".format(rows["deu_Latn"]["llm"]) in html
+    )
+    nllb_only = {**m, "config": {**m["config"], "translate": {"backend": "nllb", "per_lang": {}}}}
+    assert translator_rows(nllb_only) == []  # an NLLB-only run's report has no such section
 
 
-def test_score_regex_matches_only_tagged_text():
-    assert re.fullmatch(TAG_REGEX, "<translation>Hallo Welt</translation>")
-    assert not re.fullmatch(TAG_REGEX, "<translation>a</translation><translation>b</translation>")
-    assert not re.fullmatch(TAG_REGEX, "Hallo")
+def test_the_tag_regex_allows_only_one_bounded_tagged_text():
+    rx = tag_regex("Hello world")  # 11 chars: at most 4 x 11 + 32 = 76 between the tags
+    assert re.fullmatch(rx, "<translation>Hallo Welt</translation>")
+    assert re.fullmatch(rx, f"<translation>{'x' * 76}</translation>")
+    assert not re.fullmatch(rx, f"<translation>{'x' * 77}</translation>")
+    assert not re.fullmatch(rx, "<translation>a</translation><translation>b</translation>")
+    assert not re.fullmatch(rx, "Hallo")

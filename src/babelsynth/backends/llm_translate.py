@@ -26,8 +26,17 @@ from babelsynth.languages import language_name
 from babelsynth.prompts import load_prompt
 from babelsynth.tagged import parse_translation, token_budget
 
-# What the server may answer with constrain_tags: the tags around text without raw angle brackets.
-TAG_REGEX = r"<translation>[^<>]+</translation>"
+# What the server may answer with constrain_tags: the tags around text without raw angle brackets, at most
+# CHARS_PER_CHAR x the escaped segment + CHARS_SLACK characters long (no real translation is 4x its source;
+# unbounded, a looping model would run to the token limit; bounded, the close tag always fits).
+TAG_REGEX = r"<translation>[^<>]{1,%d}</translation>"
+CHARS_PER_CHAR, CHARS_SLACK = 4, 32
+
+
+def tag_regex(segment: str) -> str:
+    return TAG_REGEX % (CHARS_PER_CHAR * len(escape(segment)) + CHARS_SLACK)
+
+
 FAILURES = ("no_tag", "empty", "truncated", "request_rejected", "line_break_added")
 
 
@@ -72,7 +81,7 @@ class LLMTranslator:
         msgs = self.prompt.render(source=escape(segment), language=language_name(tgt))
         budget = token_budget(c.max_tokens, c.tokens_per_char, escape(segment), "")
         seed = int(hashlib.sha256(f"{c.seed}\x00{tgt}\x00{segment}".encode()).hexdigest()[:8], 16)
-        extra = {"structured_outputs": {"regex": TAG_REGEX}} if c.constrain_tags else {}
+        extra = {"structured_outputs": {"regex": tag_regex(segment)}} if c.constrain_tags else {}
         return ChatRequest(msgs, budget, c.temperature, seed=seed, extra=extra)
 
     def translate_segments(self, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], LLMSegment]:

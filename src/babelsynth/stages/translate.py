@@ -131,7 +131,7 @@ def translate(ctx: Context, rows: list[dict]) -> StageResult:
     One English row becomes one row per language it is assigned to (plus itself): the stage counts in the
     (row, language) jobs it was given, before any engine call. All languages of the shard go to the engines
     in one batched call each (translate_texts). `translator_choices` records, for a language on the llm or
-    both backend, every segment's candidates, COMET scores and the one chosen. Drop reasons
+    both backend, every segment's turn (`part`), candidates, COMET scores and the one chosen. Drop reasons
     (translate.mode enforce): translation_empty (a segment came back empty: content lost),
     translation_truncated (a segment hit max_decoding_length); in report mode both go to filter_flags."""
     jobs: list[tuple[dict, str]] = []
@@ -175,7 +175,9 @@ def translate(ctx: Context, rows: list[dict]) -> StageResult:
                 "draft_answer": got[1].text,
                 "followups_draft": [g.text for g in got[2:]],
                 "translator_model": model or llm_id,
-                "translator_choices": None if ctx.cfg.translate.backend_for(lang) == "nllb" else recs,
+                "translator_choices": None
+                if ctx.cfg.translate.backend_for(lang) == "nllb"
+                else [{"part": i, **x} for i, rec in enumerate(recs) for x in rec],
             }
             problems = []
             empty, truncated = sum(g.empty for g in got), any(g.truncated for g in got)
