@@ -19,11 +19,12 @@ WRITES = (
     "translator_choices",
     "filter_flags",
 )
-# config keys the output depends on (fingerprint.py)
+# config keys the output depends on (fingerprint.py). Not models.comet, though `both` asks it: a COMET change
+# would then refuse every re-trigger of an NLLB-only run; score (redo_on_change) rescores with the new model,
+# the per-segment choices keep the scores they were made with (recorded in translator_choices).
 CONFIG = (
     "models.translator",
     "models.llm_translator",
-    "models.comet",
     "translate",
     "run.languages",
     "run.language_ratio",
