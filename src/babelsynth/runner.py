@@ -485,6 +485,7 @@ def build_manifest(
             "rephraser": cfg.models.rephraser.model,
             "translator": cfg.models.translator.model_id or Path(cfg.models.translator.path).name,
             "comet": cfg.models.comet.model_id or cfg.models.comet.path,
+            **({"llm_translator": cfg.models.llm_translator.model} if cfg.models.llm_translator else {}),
         },
         "stages": stage_totals,
         "samples_by_lang": dict(sorted(samples_by_lang.items())),
