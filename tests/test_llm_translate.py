@@ -21,6 +21,8 @@ from babelsynth.backends.llm_translate import LLMTranslator, escape, tag_regex
 from babelsynth.cache import Cache
 from babelsynth.config import LLMTranslateSection, OpenAIHTTPBackend
 from babelsynth.languages import AYA_TARGETS, SOURCE_LANG, language_name
+from babelsynth.lineage import models as lineage_models
+from babelsynth.redaction import secret_names
 from babelsynth.report.collect import ReportData
 from babelsynth.report.html import render, translator_rows
 from babelsynth.runner import merge_stats
@@ -134,6 +136,19 @@ def test_config_needs_the_llm_model_for_an_llm_language(models, tmp_path):
     ]
     default = make_config(models, servers, *paths)
     assert default.translate.backend == "nllb" and default.models.llm_translator is None
+    assert "llm_translator" not in lineage_models(default)
+
+
+def test_the_llm_translators_key_is_a_secret_and_its_model_is_in_the_lineage(models, tmp_path):
+    servers = {k: SimpleNamespace(url="http://127.0.0.1:9/v1") for k in ("teacher", "llm")}
+    cfg = _cfg(
+        models,
+        servers,
+        tmp_path,
+        **{"models.llm_translator.api_key_env": "LLM_TR_TOKEN_X", "translate.per_lang": {"deu_Latn": "llm"}},
+    )
+    assert "LLM_TR_TOKEN_X" in secret_names(cfg, env={})
+    assert lineage_models(cfg)["llm_translator"]["id"] == "tiny-llm"
 
 
 # ------------------------------------------------------------------------------------ on the real server
