@@ -294,3 +294,61 @@ def test_the_tag_regex_allows_only_one_bounded_tagged_text():
     assert not re.fullmatch(rx, f"<translation>{'x' * 77}</translation>")
     assert not re.fullmatch(rx, "<translation>a</translation><translation>b</translation>")
     assert not re.fullmatch(rx, "Hallo")
+
+
+@pytest.mark.slow
+def test_a_run_counts_wins_and_failures_per_language_in_its_manifest_and_report(
+    models, vllm_servers, sample_input, tmp_path
+):
+    """End to end: two shards, German on both, French on llm; answers cut at a 32-token budget fail."""
+    from pathlib import Path
+
+    from babelsynth import runner, storage
+    from babelsynth.layout import RunLayout
+
+    out = tmp_path / "out"
+    cfg = make_config(
+        models,
+        vllm_servers,
+        sample_input,
+        str(out),
+        str(out / "cache"),
+        **{
+            "models.llm_translator": {
+                "kind": "openai_http",
+                "base_url": vllm_servers["llm"].url,
+                "model": "tiny-llm",
+            },
+            "run.languages": ["deu_Latn", "fra_Latn", "ita_Latn"],
+            "run.language_ratio": 1.0,
+            "run.limit": 12,
+            "run.shard_size": 6,
+            "translate.per_lang": {"deu_Latn": "both", "fra_Latn": "llm"},
+            "translate.llm.max_tokens": 32,
+        },
+    )
+    m = runner.run_all(cfg, "llm-translate")
+    lay = RunLayout(str(Path(m["path"]).parent), m["run_id"])
+    want: dict = {}
+    shard = 0
+    while storage.exists(lay.stage_result_uri("translate", shard)):
+        seen: dict = {}
+        for r in lay.read_stage_result("translate", shard)["rows"]:
+            for x in r["translator_choices"] or []:
+                seen[(x["segment"], r["lang"])] = x
+        for (_, lang), x in seen.items():
+            c = want.setdefault(lang, Counter())
+            c[x["chosen"]] += 1
+            c["llm_failed"] += x["llm"] is None
+        shard += 1
+    assert shard == 2
+    got = m["stages"]["translate"]["translator_by_lang"]
+    for lang in ("deu_Latn", "fra_Latn"):
+        assert {k: v for k, v in got[lang].items() if v} == {k: v for k, v in want[lang].items() if v}
+    both_paths = [sum(got[lg].get(k, 0) for lg in ("deu_Latn", "fra_Latn")) for k in ("llm", "llm_failed")]
+    assert all(both_paths), f"LLM text kept / failed: {both_paths}: the run must show both"
+    assert set(got["ita_Latn"]) == {"nllb"}
+    assert m["models"]["llm_translator"] == "tiny-llm"
+    html = (Path(m["path"]) / "report.html").read_text()
+    assert "Translation backend per language" in html
+    print(f"manifest translator_by_lang: {got}")
