@@ -134,7 +134,7 @@ def _file_problems(cfg: RunConfig) -> list[Problem]:
             parent = parent.parent
         if not os.access(parent, os.W_OK):
             out.append(Problem("file", f"{key} {value}: {parent} is not writable by this user"))
-    for role in ("teacher", "judge", "rephraser", "translator", "comet"):
+    for role in ("teacher", "judge", "rephraser", "llm_translator", "translator", "comet"):
         backend = getattr(cfg.models, role)
         where = f"models.{role}"
         if isinstance(backend, CT2NLLBBackend) and not _unexpanded(backend.path):
@@ -165,7 +165,7 @@ def _probe_problems(cfg: RunConfig, timeout: float) -> list[Problem]:
 
     out: list[Problem] = []
     served: dict[tuple[str, str | None], list[str] | Problem] = {}
-    for role in ("teacher", "judge", "rephraser"):
+    for role in ("teacher", "judge", "rephraser", "llm_translator"):
         b = getattr(cfg.models, role)
         if not isinstance(b, OpenAIHTTPBackend):
             continue

@@ -219,6 +219,10 @@ class ModelsConfig(_Base):
     rephraser: ChatBackendConfig
     translator: CT2NLLBBackend
     comet: CometBackend
+    llm_translator: ChatBackendConfig | None = Field(
+        None,
+        description="instruction LLM of the translate stage's llm backend (translate.backend / per_lang)",
+    )
 
 
 class RunSection(_Base):
@@ -335,12 +339,54 @@ class JudgeSection(_Base):
     prompt_version: int = 1
 
 
+TranslatorChoice = Literal["nllb", "llm", "both"]
+
+
+class LLMTranslateSection(_Base):
+    """The llm backend: one request per segment (same segmentation and protected spans as NLLB) through the
+    versioned prompt translate/llm.v<N>; an answer without the tags falls back to NLLB for that segment."""
+
+    prompt_version: int = Field(1, ge=1)
+    max_tokens: int = Field(512, ge=16, description="per segment request")
+    tokens_per_char: float | None = Field(
+        2.0,
+        gt=0,
+        description="a request's max_tokens is at most this many tokens per source character plus 64 (a loop "
+        "stops early and falls back to NLLB); None: max_tokens only",
+    )
+    temperature: float = Field(0.0, ge=0)
+    seed: int = 0
+    constrain_tags: bool = Field(
+        True,
+        description="ask the server (vLLM structured outputs) for an answer of the form "
+        "<translation>...</translation> without raw < or >; off for servers without structured outputs",
+    )
+
+
 class TranslateSection(_Base):
     mode: Mode = Field(
         "enforce",
         description="an output with a segment that hit the decoding limit or came back empty is dropped"
         " (enforce) or flagged (report)",
     )
+    backend: TranslatorChoice = Field(
+        "nllb",
+        description="nllb (CTranslate2 NLLB), llm (models.llm_translator, NLLB where its answer is unusable) "
+        "or both (per segment, the candidate with the higher COMET QE score)",
+    )
+    per_lang: dict[str, TranslatorChoice] = Field(
+        default_factory=dict, description="backend per language code, over `backend`"
+    )
+    llm: LLMTranslateSection = LLMTranslateSection()
+
+    @field_validator("per_lang")
+    @classmethod
+    def _codes(cls, v: dict[str, str]) -> dict[str, str]:
+        validate_codes(list(v))
+        return v
+
+    def backend_for(self, lang: str) -> str:
+        return self.per_lang.get(lang, self.backend)
 
 
 class RephraseSection(_Base):
@@ -654,6 +700,17 @@ class RunConfig(_Base):
             if problems:
                 raise ValueError("; ".join(problems))
         return data
+
+    @model_validator(mode="after")
+    def _llm_translator(self) -> RunConfig:
+        """A language translated by the llm backend needs its model."""
+        llm = [lg for lg in self.run.languages if self.translate.backend_for(lg) != "nllb"]
+        if llm and self.models.llm_translator is None:
+            raise ValueError(
+                f"translate: {llm[:3]}{'...' if len(llm) > 3 else ''} use the llm backend but "
+                "models.llm_translator is not set"
+            )
+        return self
 
     @model_validator(mode="after")
     def _rephrase_room(self) -> RunConfig:

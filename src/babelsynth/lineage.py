@@ -68,8 +68,10 @@ def models(cfg: RunConfig) -> dict[str, dict]:
     """Per role: id, backend kind and revision (configured, else derived from the local checkpoint)."""
     m = cfg.models
     out = {}
-    for role in ("teacher", "judge", "rephraser"):
+    for role in ("teacher", "judge", "rephraser", "llm_translator"):
         c = getattr(m, role)
+        if c is None:  # llm_translator: only when a language uses the llm backend
+            continue
         out[role] = {
             "id": c.model,
             "kind": c.kind,

@@ -485,6 +485,7 @@ def build_manifest(
             "rephraser": cfg.models.rephraser.model,
             "translator": cfg.models.translator.model_id or Path(cfg.models.translator.path).name,
             "comet": cfg.models.comet.model_id or cfg.models.comet.path,
+            **({"llm_translator": cfg.models.llm_translator.model} if cfg.models.llm_translator else {}),
         },
         "stages": stage_totals,
         "samples_by_lang": dict(sorted(samples_by_lang.items())),
@@ -557,6 +558,10 @@ def merge_stats(acc: dict, s: dict) -> None:
         for k in d:
             d[k] += c[k]
     acc.setdefault("by_lang", {})
+    for lang, c in (s.get("translator_by_lang") or {}).items():  # translate: segments per backend and lang
+        d = acc.setdefault("translator_by_lang", {}).setdefault(lang, {})
+        for k, v in c.items():
+            d[k] = d.get(k, 0) + v
     if "by_task" in s:  # teacher metrics per task type: counters add up, ratios are recomputed
         from babelsynth.filters import merge_task_stats
 

@@ -141,6 +141,29 @@ def perf_rows(m: dict) -> list[dict]:
     return out
 
 
+def translator_rows(m: dict) -> list[dict]:
+    """Per language: the translate backend (translate.backend / per_lang) and how many segments NLLB and the
+    LLM each won (llm_failed: LLM answers unusable, NLLB used instead). Empty for an NLLB-only run."""
+    tc = ((m.get("config") or {}).get("translate")) or {}
+    by_lang = (((m.get("stages") or {}).get("translate")) or {}).get("translator_by_lang") or {}
+    rows = []
+    for lang, c in sorted(by_lang.items()):
+        backend = (tc.get("per_lang") or {}).get(lang, tc.get("backend", "nllb"))
+        n = c.get("nllb", 0) + c.get("llm", 0)
+        rows.append(
+            {
+                "lang": lang,
+                "backend": backend,
+                "segments": n,
+                "nllb": c.get("nllb", 0),
+                "llm": c.get("llm", 0),
+                "llm_failed": c.get("llm_failed", 0),
+                "llm_share": _rate(c.get("llm", 0), n),
+            }
+        )
+    return rows if any(r["backend"] != "nllb" for r in rows) else []
+
+
 def _bands(m: dict) -> tuple[dict, tuple[float, float]]:
     lr = ((((m.get("lineage") or {}).get("thresholds") or {}).get("score") or {}).get("gates") or {}).get(
         "length_ratio"
@@ -190,6 +213,7 @@ def render(d: ReportData) -> str:
         gates=gates,
         recaption=recaption_rows(m),
         perf=perf_rows(m),
+        translators=translator_rows(m),
         figures=[(t, u) for t, u in figures if u],
         previews=d.previews,
         thumbs=d.thumbs,
@@ -320,6 +344,17 @@ CometKiwi NLLB draft → rephrased
 {% for r in recaption %}<tr><td class="l">{{ r.metric }}</td><td>{{ r.before|num(1) }}</td>
 <td>{{ r.after|num(1) }}</td>
 <td class="ref">{{ r.paper_before }} → {{ r.paper_after }}</td></tr>{% endfor %}</table></section>
+
+{% if translators %}<section id="translators"><h2>Translation backend per language</h2>
+<p class="ref">Unique segments per language and the backend whose translation was kept: with both, the one
+with the higher COMET QE score; LLM answers that could not be used (no tags, empty, cut) fell back to
+NLLB.</p>
+<table><tr><th class="l">language</th><th class="l">backend</th><th>segments</th><th>NLLB won</th>
+<th>LLM won</th><th>LLM share</th><th>LLM failed → NLLB</th></tr>
+{% for r in translators %}<tr><td class="l">{{ r.lang }} <span class="ref">{{ r.lang|name }}</span></td>
+<td class="l">{{ r.backend }}</td><td>{{ r.segments|num }}</td><td>{{ r.nllb|num }}</td>
+<td>{{ r.llm|num }}</td>
+<td>{{ r.llm_share|pct }}</td><td>{{ r.llm_failed|num }}</td></tr>{% endfor %}</table></section>{% endif %}
 
 <section id="plots"><h2>Distributions</h2>
 {% for title, url in figures %}<figure><img src="{{ url }}" alt="{{ title }}"></figure>{% endfor %}

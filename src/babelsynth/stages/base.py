@@ -88,6 +88,18 @@ class Context:
 
         return self._get("translator", lambda: NLLBTranslator(self.cfg.models.translator, self.cache))
 
+    def llm_translator(self):
+        """The translate stage's llm backend: models.llm_translator behind the prompt of translate.llm."""
+        from babelsynth.backends.llm_translate import LLMTranslator
+        from babelsynth.backends.registry import make_chat_client
+
+        return self._get(
+            "llm_translator",
+            lambda: LLMTranslator(
+                make_chat_client(self.cfg.models.llm_translator, self.cache), self.cfg.translate.llm
+            ),
+        )
+
     def comet(self):
         from babelsynth.backends.comet_qe import CometScorer
 
