@@ -221,7 +221,8 @@ def test_every_stage_keeps_its_contract_on_real_rows(real_run, stage):
     tracked, read = track_reads(rows)
     res = stage.fn(_context(real_run), tracked)
     n_in = check_contract(stage, 0, rows, res, read)
-    assert read and read <= set(stage.reads)
+    passes_through = stage.section == "safety" and not real_run.safety.enabled  # off in the demo config
+    assert (read or passes_through) and read <= set(stage.reads)
     assert sum(n_in.values()) == len(res.rows) + len(res.rejected)
 
 

@@ -557,10 +557,25 @@ def merge_stats(acc: dict, s: dict) -> None:
         for k in d:
             d[k] += c[k]
     acc.setdefault("by_lang", {})
+    for k in NESTED_COUNTS:  # e.g. safety drops per language and category
+        if k in s:
+            add_counts(acc.setdefault(k, {}), s[k])
     if "by_task" in s:  # teacher metrics per task type: counters add up, ratios are recomputed
         from babelsynth.filters import merge_task_stats
 
         merge_task_stats(acc.setdefault("by_task", {}), s["by_task"])
+
+
+NESTED_COUNTS = ("safety_drops", "allowed")  # stage stats that are dicts of counters (stages/safety.py)
+
+
+def add_counts(acc: dict, d: dict) -> None:
+    """Add a nested dict of counters into another."""
+    for k, v in d.items():
+        if isinstance(v, dict):
+            add_counts(acc.setdefault(k, {}), v)
+        else:
+            acc[k] = acc.get(k, 0) + v
 
 
 def reconcile(m: dict) -> dict:

@@ -54,7 +54,8 @@ class Stage:
 
     `config`: the dotted config keys the stage's output depends on; its result records their fingerprint
     (babelsynth/fingerprint.py), so a re-trigger with other values is refused naming them, or, for a stage
-    with `redo_on_change` (no generative model in it), redone."""
+    with `redo_on_change` (no generative model in it), redone. `section`: its config section, when not
+    named after it (the safety stages share `safety`)."""
 
     name: str
     fn: Callable[[Context, list[dict]], StageResult]
@@ -62,6 +63,11 @@ class Stage:
     writes: tuple[str, ...]
     config: tuple[str, ...] = ()
     redo_on_change: bool = False
+    section: str | None = None
+
+    @property
+    def config_section(self) -> str:
+        return self.section or self.name
 
 
 @dataclass
@@ -87,6 +93,11 @@ class Context:
         from babelsynth.backends.nllb_ct2 import NLLBTranslator
 
         return self._get("translator", lambda: NLLBTranslator(self.cfg.models.translator, self.cache))
+
+    def text_classifier(self):
+        from babelsynth.backends.text_classifier import TextClassifier
+
+        return self._get("text_classifier", lambda: TextClassifier(self.cfg.models.toxicity))
 
     def comet(self):
         from babelsynth.backends.comet_qe import CometScorer
