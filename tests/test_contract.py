@@ -196,7 +196,8 @@ def _stage_input(cfg, stage: Stage) -> list[dict]:
     i = [s.name for s in STAGES].index(stage.name)
     if i == 0:
         return runner.read_input_shard(cfg, lay, 0)
-    return lay.read_stage_result(STAGES[i - 1].name, 0)["rows"]
+    ran = runner.pipeline(cfg)  # the stage before it that this config runs (the safety stages are off)
+    return lay.read_stage_result([s.name for s in STAGES[:i] if s.name in ran][-1], 0)["rows"]
 
 
 def _context(cfg) -> Context:

@@ -31,9 +31,10 @@ TOXICITY_CONFIG: dict[str, Any] = {
     "num_attention_heads": 2,
     "intermediate_size": 128,
     "max_position_embeddings": 256,
-    "steps": 1200,
+    "steps": 1000,
     "batch_size": 32,
-    "lr": 3e-3,
+    "lr": 1e-3,
+    "warmup_steps": 100,
     "seed": 0,
     "min_planted": 0.8,  # the build fails unless every held-out planted marker scores at least this...
     "max_clean": 0.2,  # ...and every other (text, category) at most this: threshold 0.5 separates them
@@ -66,7 +67,7 @@ def _tokenizer(texts: list[str], vocab_size: int, out: Path):
     tok.decoder = decoders.WordPiece()
     special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special, limit_alphabet=5000)
-    tok.train_from_iterator([*texts, *MARKERS.values()], trainer)
+    tok.train_from_iterator([*texts, *list(MARKERS.values()) * 50], trainer)  # each marker: one token
     from tokenizers.processors import TemplateProcessing
 
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
@@ -108,6 +109,7 @@ def build_toxicity(out: Path) -> Path:
     with seeded(c["seed"]):
         model = BertForSequenceClassification(cfg)
         opt = torch.optim.AdamW(model.parameters(), lr=c["lr"])
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / c["warmup_steps"]))
         model.train()
         for _ in range(c["steps"]):
             batch, labels = [], []
@@ -124,6 +126,7 @@ def build_toxicity(out: Path) -> Path:
             opt.zero_grad()
             loss.backward()
             opt.step()
+            sched.step()
     model.eval()
     check = random.Random(c["seed"] + 1)
     probe = [(t, None) for t in texts] + [(plant(t, k, check), k) for t in texts[::7] for k in cats]

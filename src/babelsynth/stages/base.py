@@ -55,7 +55,8 @@ class Stage:
     `config`: the dotted config keys the stage's output depends on; its result records their fingerprint
     (babelsynth/fingerprint.py), so a re-trigger with other values is refused naming them, or, for a stage
     with `redo_on_change` (no generative model in it), redone. `section`: its config section, when not
-    named after it (the safety stages share `safety`)."""
+    named after it (the safety stages share `safety`). `active`: whether the config runs it at all (None:
+    always); an inactive stage writes no result and the next one reads the last active one's."""
 
     name: str
     fn: Callable[[Context, list[dict]], StageResult]
@@ -64,6 +65,7 @@ class Stage:
     config: tuple[str, ...] = ()
     redo_on_change: bool = False
     section: str | None = None
+    active: Callable[[RunConfig], bool] | None = None
 
     @property
     def config_section(self) -> str:

@@ -2,8 +2,9 @@
 
 `safety_pre` (before recaption) and `safety_post` (after it) are the same check on different text: the ground
 truth, or the recaption. Both are registered so the runner and the DAG see a fixed order; `safety.position`
-says which one works, the other passes its rows through (the contract still reconciles them). `output_safety`
-sits between rephrase and score and scores every translated output (draft and rephrase, every turn).
+says which one is active (Stage.active): the other, like all three when safety is off, writes no result and
+the stage after it reads the last active one's (runner.pipeline). `output_safety` sits between rephrase and
+score and scores every translated output (draft and rephrase, every turn).
 
 A drop is a rejected row with reason `unsafe_<category>` and a detail naming the check, the score (the
 classifier's probability; for the image judge, its verdict) and where; stats `safety_drops` count them per
@@ -202,6 +203,7 @@ STAGE_PRE = Stage(
     (),
     CONFIG,
     section="safety",
+    active=lambda cfg: cfg.safety.enabled and cfg.safety.position == "before_recaption",
 )
 STAGE_POST = Stage(
     "safety_post",
@@ -210,6 +212,15 @@ STAGE_POST = Stage(
     (),
     CONFIG,
     section="safety",
+    active=lambda cfg: cfg.safety.enabled and cfg.safety.position == "after_recaption",
 )
-STAGE_OUTPUT = Stage("output_safety", output_safety, OUTPUT_FIELDS, (), CONFIG, section="safety")
+STAGE_OUTPUT = Stage(
+    "output_safety",
+    output_safety,
+    OUTPUT_FIELDS,
+    (),
+    CONFIG,
+    section="safety",
+    active=lambda cfg: cfg.safety.enabled and cfg.safety.outputs,
+)
 BY_NAME = {s.name: s for s in (STAGE_PRE, STAGE_POST, STAGE_OUTPUT)}
