@@ -99,7 +99,7 @@ def test_text_classifier_loads_from_its_local_path_with_no_network(models, monke
 
 def test_a_planted_unsafe_caption_is_dropped_with_its_category_before_recaption(models, tmp_path):
     """safety_pre (position before_recaption) scores the ground truth: the planted records are rejected as
-    unsafe_<category> with their score; safety_post passes everything through; nothing else is dropped."""
+    unsafe_<category> with their score, nothing else is dropped; safety_post is inactive (writes nothing)."""
     planted = _write_input(str(tmp_path / "in.parquet"), {1: "violence", 4: "self_harm"}, "answer")
     servers = {"teacher": _NoServer(), "llm": _NoServer()}  # no model call in these stages
     cfg = _cfg(models, servers, tmp_path, **{"safety.position": "before_recaption", "safety.image": False})
@@ -114,6 +114,8 @@ def test_a_planted_unsafe_caption_is_dropped_with_its_category_before_recaption(
         assert float(r["detail"].split("score=")[1].split()[0]) >= 0.5
     assert st["safety_drops"] == {"eng_Latn": {"violence": 1, "self_harm": 1}}
     assert st["out"] == st["in"] - 2
+    assert runner.run_stage(cfg, "pre", "safety_post", 0) == {"stage": "safety_post", "inactive": True}
+    assert not runner.layout(cfg, "pre").has_stage_result("safety_post", 0)
 
 
 def test_allow_list_and_thresholds_keep_what_they_name(models, tmp_path):

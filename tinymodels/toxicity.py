@@ -31,13 +31,13 @@ TOXICITY_CONFIG: dict[str, Any] = {
     "num_attention_heads": 2,
     "intermediate_size": 128,
     "max_position_embeddings": 256,
-    "steps": 1000,
+    "steps": 1500,
     "batch_size": 32,
     "lr": 1e-3,
     "warmup_steps": 100,
     "seed": 0,
-    "min_planted": 0.8,  # the build fails unless every held-out planted marker scores at least this...
-    "max_clean": 0.2,  # ...and every other (text, category) at most this: threshold 0.5 separates them
+    "min_planted": 0.7,  # the build fails unless every held-out planted marker scores at least this...
+    "max_clean": 0.3,  # ...and every other (text, category) at most this: threshold 0.5 separates them
 }
 
 

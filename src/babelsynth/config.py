@@ -381,7 +381,10 @@ class SafetySection(_Base):
     outputs: bool = Field(True, description="output_safety: score every translated output (draft, rephrase)")
     prompt_version: int = Field(1, ge=1, description="prompts/safety/image_policy.v<N>.yaml")
     max_tokens: int = Field(
-        256, ge=64, description="verdict tokens; its rationale is capped at 200 characters by the schema"
+        512,
+        ge=64,
+        description="verdict tokens: its rationale is capped at 200 characters by the schema, so even one "
+        "token per character ends well within it (a verdict cut short would fail the task)",
     )
     threshold: float = Field(0.5, gt=0, le=1, description="classifier score that drops, for every category")
     thresholds: dict[str, float] = Field(default_factory=dict, description="per category, over `threshold`")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from babelsynth.config import TextClassifierBackend
 
-STRIDE = 32  # tokens two windows of one long text share
+STRIDE = 32  # tokens two windows of one long text share (at most a quarter of max_length)
 
 
 class TextClassifier:
@@ -53,7 +53,7 @@ class TextClassifier:
             texts,
             truncation=True,
             max_length=self.cfg.max_length,
-            stride=STRIDE,
+            stride=min(STRIDE, self.cfg.max_length // 4),
             return_overflowing_tokens=True,
             padding=True,
             return_tensors="pt",
