@@ -196,6 +196,12 @@ OUTPUT_FIELDS = (
 )
 IMAGE_READS = ("source_id", "task_type", "image_ids")
 
+
+def _english_on(cfg, position: str) -> bool:
+    sc = cfg.safety
+    return sc.enabled and sc.position == position and (sc.image or sc.text)
+
+
 STAGE_PRE = Stage(
     "safety_pre",
     _english("before_recaption", PRE_FIELDS, "safety_pre"),
@@ -203,7 +209,7 @@ STAGE_PRE = Stage(
     (),
     CONFIG,
     section="safety",
-    active=lambda cfg: cfg.safety.enabled and cfg.safety.position == "before_recaption",
+    active=lambda cfg: _english_on(cfg, "before_recaption"),
 )
 STAGE_POST = Stage(
     "safety_post",
@@ -212,7 +218,7 @@ STAGE_POST = Stage(
     (),
     CONFIG,
     section="safety",
-    active=lambda cfg: cfg.safety.enabled and cfg.safety.position == "after_recaption",
+    active=lambda cfg: _english_on(cfg, "after_recaption"),
 )
 STAGE_OUTPUT = Stage(
     "output_safety",
