@@ -194,17 +194,7 @@ def rehearsal(models, echo_servers, s3, tmp_path_factory):
                 os.environ[k] = v
 
 
-STAGES = (
-    "ingest",
-    "safety_pre",
-    "recaption",
-    "safety_post",
-    "judge",
-    "translate",
-    "rephrase",
-    "output_safety",
-    "score",
-)
+STAGES = ("ingest", "recaption", "judge", "translate", "rephrase", "score")
 
 
 def manifest_shards(m: dict) -> list[int]:
@@ -292,7 +282,6 @@ def test_every_record_is_kept_or_rejected_with_its_reason_and_counts_reconcile(r
         "judge": {"judge_rejected", "judge_request_rejected"},
         "translate": {"translation_empty", "translation_truncated"},
         "rephrase": set(),
-        **{s: set() for s in ("safety_pre", "safety_post", "output_safety")},  # safety is off here
         "score": {f"gate_{g}" for g in ("comet", "mtld", "langid", "length_ratio", "repetition")},
     }
     for stage, s in m["stages"].items():

@@ -240,18 +240,7 @@ def test_inspect_shows_a_finished_and_a_running_run(demo, tmp_path):
     with redirect_stdout(out):
         main(["inspect", m["path"]])
     text = out.getvalue()
-    for stage in (
-        "ingest",
-        "safety_pre",
-        "recaption",
-        "safety_post",
-        "judge",
-        "translate",
-        "rephrase",
-        "output_safety",
-        "score",
-        "write",
-    ):
+    for stage in ("ingest", "recaption", "judge", "translate", "rephrase", "score", "write"):
         assert re.search(rf"^  {stage}\s+2/2\s+##$", text, re.M), stage
     assert "commit: " in text and "alarms: passed" in text and "report: " in text
     # a run that has planned and ingested one shard only

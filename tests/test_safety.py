@@ -207,7 +207,7 @@ def test_every_translated_output_is_checked_and_drops_are_counted_per_language(
     )
     m = runner.run_all(cfg, "outputs")
     st = m["stages"]["output_safety"]
-    assert m["reconciliation"]["ok"]
+    assert m["reconciliation"]["ok"] and m["models"]["toxicity"] == "toxicity"
     assert st["safety_drops"] == {lg: {"hate": 1, "violence": 1} for lg in LANGS}
     assert st["reasons"] == {"unsafe_hate": len(LANGS), "unsafe_violence": len(LANGS)}
     lay = runner.layout(cfg, "outputs")

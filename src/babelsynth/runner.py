@@ -510,6 +510,12 @@ def build_manifest(
         "gates": gates["gates"],
         "languages": gates["languages"],
     }
+    if cfg.safety.enabled:  # the safety stages' models, when they ran (stages/safety.py)
+        mc = cfg.models
+        if mc.safety_judge is not None:
+            manifest["models"]["safety_judge"] = mc.safety_judge.model
+        if mc.toxicity is not None:
+            manifest["models"]["toxicity"] = mc.toxicity.model_id or Path(mc.toxicity.path).name
     manifest["reconciliation"] = reconcile(manifest)
     return manifest
 
