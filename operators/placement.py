@@ -19,7 +19,17 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from operators.boundary import AllowedRoots
 
-STAGES = ("ingest", "recaption", "judge", "translate", "rephrase", "score")
+STAGES = (
+    "ingest",
+    "safety_pre",
+    "recaption",
+    "safety_post",
+    "judge",
+    "translate",
+    "rephrase",
+    "output_safety",
+    "score",
+)
 Where = Literal["worker", "venv", "kubernetes"]
 
 

@@ -32,7 +32,16 @@ from tests.test_airflow_docs import clean_env, doc_blocks
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2700)]  # a generation + training on a busy 2-core box
 
-MODEL_STAGES = ("recaption", "judge", "translate", "rephrase", "score")
+MODEL_STAGES = (
+    "safety_pre",
+    "recaption",
+    "safety_post",
+    "judge",
+    "translate",
+    "rephrase",
+    "output_safety",
+    "score",
+)
 SERVICES = ("postgres", "vllm-teacher", "vllm-llm", "api-server", "scheduler", "dag-processor", "triggerer")
 RUNS: dict[str, str] = {}  # what the client script ran: generation and training run ids
 
@@ -212,7 +221,18 @@ def test_the_docs_client_script_runs_generation_then_the_asset_triggered_trainin
     # 12 records, 6 per shard: two mapped shards through every stage
     all_tis = tis(client, "babelsynth_generate", gen_id)
     shard_tis = {(t.task_id, t.map_index) for t in all_tis if t.task_id.startswith("shard.")}
-    stages = ("ingest", "recaption", "judge", "translate", "rephrase", "score", "write")
+    stages = (
+        "ingest",
+        "safety_pre",
+        "recaption",
+        "safety_post",
+        "judge",
+        "translate",
+        "rephrase",
+        "output_safety",
+        "score",
+        "write",
+    )
     assert shard_tis == {(f"shard.{st}", i) for st in stages for i in (0, 1)}
 
     # model stages took slots of the 1-slot `gpu` pool: never two at once, although parallelism is 2
@@ -221,7 +241,7 @@ def test_the_docs_client_script_runs_generation_then_the_asset_triggered_trainin
         for t in all_tis
         if t.task_id.split(".")[-1] in MODEL_STAGES
     )
-    assert len(model) == 10 and all(
+    assert len(model) == 2 * len(MODEL_STAGES) and all(
         t.pool == "gpu" for t in all_tis if t.task_id.split(".")[-1] in MODEL_STAGES
     )
     for a, b in zip(model, model[1:]):

@@ -80,10 +80,11 @@ def test_an_old_config_key_fails_naming_the_new_one(old, value, new):
 
 def test_each_stage_has_its_config_section_and_every_rule_switch_is_called_mode():
     from babelsynth.config import RunConfig
-    from babelsynth.stages import STAGE_NAMES
+    from babelsynth.stages import STAGES
 
     cfg = load_config("configs/demo.yaml")
-    assert set(STAGE_NAMES) <= set(RunConfig.model_fields)
+    assert {s.config_section for s in STAGES} <= set(RunConfig.model_fields)
+    assert [s.name for s in STAGES if s.section] == ["safety_pre", "safety_post", "output_safety"]
     switches = [
         cfg.recaption,
         cfg.judge,

@@ -45,7 +45,18 @@ def test_every_task_retries_and_every_dag_is_tagged(bag):
 def test_generation_dag_shape(bag):
     dag = bag.dags["babelsynth_generate"]
     ids = set(dag.task_ids)
-    for stage in ("ingest", "recaption", "judge", "translate", "rephrase", "score", "write"):
+    for stage in (
+        "ingest",
+        "safety_pre",
+        "recaption",
+        "safety_post",
+        "judge",
+        "translate",
+        "rephrase",
+        "output_safety",
+        "score",
+        "write",
+    ):
         assert f"shard.{stage}" in ids
     assert {"plan", "commit", "report", "publish", "retention"} <= ids
     assert dag.catchup is False
@@ -127,7 +138,16 @@ def _load_module(path: Path):
 
 def test_model_stages_take_gpu_pool_slots_and_xcom_is_small(bag):
     dag = bag.dags["babelsynth_generate"]
-    for stage in ("recaption", "judge", "translate", "rephrase", "score"):
+    for stage in (
+        "safety_pre",
+        "recaption",
+        "safety_post",
+        "judge",
+        "translate",
+        "rephrase",
+        "output_safety",
+        "score",
+    ):
         assert dag.get_task(f"shard.{stage}").pool == "gpu", stage
     for task_id in ("plan", "shard.ingest", "shard.write", "commit"):
         assert dag.get_task(task_id).pool == "default_pool", task_id

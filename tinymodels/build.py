@@ -27,7 +27,7 @@ from typing import Any
 
 from babelsynth import languages, paths, prompts
 from babelsynth.train import weights
-from tinymodels import aya, aya_echo, comet, common, corpus, nllb, nllb_copy
+from tinymodels import aya, aya_echo, comet, common, corpus, nllb, nllb_copy, toxicity
 
 STAMP_FILE = ".babelsynth-stamp.json"
 LOCK_FILE = ".build.lock"
@@ -82,6 +82,13 @@ BUILDERS: tuple[Builder, ...] = (
         (comet, corpus, common),
         comet.DISTRIBUTIONS,
         lambda tmp, final: comet.build_comet(tmp),
+    ),
+    Builder(
+        "toxicity",
+        toxicity.TOXICITY_CONFIG,
+        (toxicity, corpus, common),
+        toxicity.DISTRIBUTIONS,
+        lambda tmp, final: toxicity.build_toxicity(tmp),
     ),
 )
 
@@ -171,7 +178,8 @@ def build_all(root: str | os.PathLike, *, force: bool = False) -> dict[str, str]
     ``vlm`` (``root/aya_vision/vlm``), ``llm`` (``root/aya_vision/llm``), ``echo_vlm`` and ``echo_llm``
     (the echo-trained Aya Vision, sharded, and its text twin), ``comet``
     (``root/comet/cometkiwi/checkpoints/model.ckpt``, naming its encoder by hub id), ``comet_encoder`` (the
-    encoder's files as a dir) and ``comet_hf_home`` (an HF_HOME whose hub cache holds them).
+    encoder's files as a dir), ``comet_hf_home`` (an HF_HOME whose hub cache holds them) and ``toxicity``
+    (the safety stages' text classifier, trained to flag planted markers).
     """
     root = Path(root).resolve()
     with _locked(root):
@@ -189,4 +197,5 @@ def build_all(root: str | os.PathLike, *, force: bool = False) -> dict[str, str]
         "comet": str(built["comet"] / "cometkiwi" / "checkpoints" / "model.ckpt"),
         "comet_encoder": str(built["comet"] / "encoder"),
         "comet_hf_home": str(built["comet"] / "hf_home"),
+        "toxicity": str(built["toxicity"]),
     }

@@ -213,6 +213,20 @@ class CometBackend(_Base):
         return v
 
 
+class TextClassifierBackend(_Base):
+    """A Hugging Face AutoModelForSequenceClassification dir (config.json, weights, tokenizer) read from a
+    local path, never a hub id: multi-label, one sigmoid per label of its `id2label`, which must name
+    safety.categories (a production multilingual toxicity classifier, or tinymodels/toxicity.py)."""
+
+    kind: Literal["hf_sequence_classifier"] = "hf_sequence_classifier"
+    path: str = Field(description="local model dir; never fetched from a hub")
+    model_id: str | None = Field(None, description="id recorded in stats; defaults to the dir name")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_size: int = Field(32, ge=1)
+    max_length: int = Field(512, ge=8, description="tokens per text; longer texts are scored in windows")
+    revision: str | None = Field(None, description="model revision for the manifest and dataset card")
+
+
 class ModelsConfig(_Base):
     teacher: ChatBackendConfig
     judge: ChatBackendConfig
@@ -222,6 +236,12 @@ class ModelsConfig(_Base):
     llm_translator: ChatBackendConfig | None = Field(
         None,
         description="instruction LLM of the translate stage's llm backend (translate.backend / per_lang)",
+    )
+    safety_judge: ChatBackendConfig | None = Field(
+        None, description="VLM that judges images against the safety policy (safety.image)"
+    )
+    toxicity: TextClassifierBackend | None = Field(
+        None, description="text classifier of the safety stages (safety.text, safety.outputs)"
     )
 
 
@@ -361,6 +381,63 @@ class LLMTranslateSection(_Base):
         description="ask the server (vLLM structured outputs) for an answer of the form "
         "<translation>...</translation> without raw < or >; off for servers without structured outputs",
     )
+
+
+SAFETY_CATEGORIES = ("violence", "sexual", "hate", "self_harm", "illegal_activity", "personal_data")
+
+
+class SafetySection(_Base):
+    """The safety stages (stages/safety.py): a VLM judges the image against a versioned policy prompt, a
+    text classifier scores the English text (`position`: before recaption, the ground truth; after, the
+    recaption) and, in output_safety, every translated output. A row is dropped as `unsafe_<category>`
+    when the judge says unsafe or a category's score reaches its threshold, unless the category is
+    allow-listed. Off by default: it needs models.safety_judge and models.toxicity."""
+
+    enabled: bool = False
+    position: Literal["before_recaption", "after_recaption"] = Field(
+        "after_recaption",
+        description="before_recaption: stage safety_pre checks the image and the ground truth (no teacher "
+        "call for an unsafe record); after_recaption: stage safety_post checks the image and the recaption",
+    )
+    categories: list[str] = Field(
+        default_factory=lambda: list(SAFETY_CATEGORIES),
+        min_length=1,
+        description="the policy's categories: the judge's verdict enum and the classifier's labels",
+    )
+    image: bool = Field(True, description="judge images with models.safety_judge")
+    text: bool = Field(True, description="score the English text with models.toxicity")
+    outputs: bool = Field(True, description="output_safety: score every translated output (draft, rephrase)")
+    prompt_version: int = Field(1, ge=1, description="prompts/safety/image_policy.v<N>.yaml")
+    max_tokens: int = Field(
+        512,
+        ge=64,
+        description="verdict tokens: its rationale is capped at 200 characters by the schema, so even one "
+        "token per character ends well within it (a verdict cut short would fail the task)",
+    )
+    threshold: float = Field(0.5, gt=0, le=1, description="classifier score that drops, for every category")
+    thresholds: dict[str, float] = Field(default_factory=dict, description="per category, over `threshold`")
+    allow_categories: list[str] = Field(
+        default_factory=list, description="allow-list: categories that never drop a row (still counted)"
+    )
+
+    @model_validator(mode="after")
+    def _known(self) -> SafetySection:
+        for where, names in (
+            ("thresholds", list(self.thresholds)),
+            ("allow_categories", self.allow_categories),
+        ):
+            unknown = sorted(set(names) - set(self.categories))
+            if unknown:
+                raise ValueError(
+                    f"safety.{where}: unknown categories {unknown}; categories are {self.categories}"
+                )
+        bad = {k: v for k, v in self.thresholds.items() if not 0 < v <= 1}
+        if bad:
+            raise ValueError(f"safety.thresholds must be in (0, 1], got {bad}")
+        return self
+
+    def threshold_of(self, category: str) -> float:
+        return self.thresholds.get(category, self.threshold)
 
 
 class TranslateSection(_Base):
@@ -685,6 +762,7 @@ class RunConfig(_Base):
     ingest: IngestSection = IngestSection()
     recaption: RecaptionSection = RecaptionSection()
     judge: JudgeSection = JudgeSection()
+    safety: SafetySection = SafetySection()
     translate: TranslateSection = TranslateSection()
     rephrase: RephraseSection = RephraseSection()
     score: ScoreSection = ScoreSection()
@@ -723,6 +801,18 @@ class RunConfig(_Base):
                 f"{self.recaption.max_tokens}: answers longer than it can never be rephrased; set it to at "
                 f"least {self.recaption.max_tokens} or leave it unset (2 x recaption.max_tokens)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _safety_models(self) -> RunConfig:
+        """An enabled safety check without its model would fail in the middle of a run: fail at load."""
+        sc, missing = self.safety, []
+        if sc.enabled and sc.image and self.models.safety_judge is None:
+            missing.append("models.safety_judge (safety.image)")
+        if sc.enabled and (sc.text or sc.outputs) and self.models.toxicity is None:
+            missing.append("models.toxicity (safety.text / safety.outputs)")
+        if missing:
+            raise ValueError(f"safety.enabled needs {', '.join(missing)}; or turn those checks off")
         return self
 
     def fingerprint(self) -> str:

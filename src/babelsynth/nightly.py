@@ -169,9 +169,8 @@ def _without_paths(cfg: dict) -> dict:
     served at (a new port each restart), are not differences."""
     out = {k: v for k, v in cfg.items() if k not in ("input_uri", "output_uri", "cache_dir")}
     models = {
-        r: {k: v for k, v in m.items() if k != "base_url"}
+        r: {k: v for k, v in (m or {}).items() if k != "base_url"}  # an unset model (safety_judge) is None
         for r, m in (out.get("models") or {}).items()
-        if m is not None  # an unset optional role (llm_translator) is no difference
     }
     return {**out, "models": models} if models else out
 

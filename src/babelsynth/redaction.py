@@ -31,7 +31,7 @@ def secret_names(cfg: Any = None, env: dict[str, str] | None = None) -> set[str]
     env = os.environ if env is None else env
     names = {n for n in env if _NAME.search(n) and n not in NOT_SECRETS}
     if cfg is not None:
-        for role in ("teacher", "judge", "rephraser", "llm_translator"):
+        for role in ("teacher", "judge", "rephraser", "llm_translator", "safety_judge"):
             name = getattr(getattr(cfg.models, role, None), "api_key_env", None)
             if name:
                 names.add(name)

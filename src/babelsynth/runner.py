@@ -42,6 +42,12 @@ def open_cache(cfg: RunConfig) -> Cache:
     return Cache(Path(cfg.cache_dir) / "requests.sqlite")
 
 
+def pipeline(cfg: RunConfig) -> tuple[str, ...]:
+    """The stages this config runs, in order: every registered stage but those it turns off (Stage.active,
+    e.g. the safety stages). Each reads the result of the one before it here."""
+    return tuple(s.name for s in STAGES if s.active is None or s.active(cfg))
+
+
 # ---------------------------------------------------------------- plan
 def plan(cfg: RunConfig, run_id: str) -> list[int]:
     """Shard indices; shard size grows so the fan-out never exceeds run.max_shards (inputs/plan.py)."""
@@ -226,11 +232,15 @@ def run_stage(cfg: RunConfig, run_id: str, stage: str, shard: int, cache: Cache 
     if stage not in BY_NAME:
         raise ValueError(f"unknown stage {stage!r}; stages are {STAGE_NAMES}")
     lay = layout(cfg, run_id)
+    names = pipeline(cfg)
+    if stage not in names:  # its task still runs in the DAG: it does nothing and writes nothing
+        log.info("stage %s shard %d: not run under this config (inactive)", stage, shard)
+        return {"stage": stage, "inactive": True}
     if lay.has_stage_result(stage, shard):
         doc = lay.read_stage_result(stage, shard)
         if current_result(cfg, run_id, stage, shard, doc):
             return doc["stats"]
-    idx = STAGE_NAMES.index(stage)
+    idx = names.index(stage)
     meter = planned = None
     if idx == 0:
         from babelsynth.inputs.metering import Meter
@@ -240,7 +250,7 @@ def run_stage(cfg: RunConfig, run_id: str, stage: str, shard: int, cache: Cache 
         rows = read_shard(cfg, plan_doc, shard, meter)
         planned = plan_doc["shard_bytes"][shard]
     else:
-        prev = STAGE_NAMES[idx - 1]
+        prev = names[idx - 1]
         if not lay.has_stage_result(prev, shard):
             raise RuntimeError(
                 f"stage {stage} of shard {shard} needs {prev} first "
@@ -332,7 +342,8 @@ def write_shard(cfg: RunConfig, run_id: str, shard: int) -> dict:
     never rows or image bytes) and the config the last stage's result was made with: when that stage was
     redone (fingerprint.py), the shard's files are written again."""
     lay = layout(cfg, run_id)
-    last = STAGE_NAMES[-1]
+    names = pipeline(cfg)
+    last = names[-1]
     want = stage_config(cfg, last)
     if lay.has_write_marker(shard):
         marker = lay.read_write_marker(shard)
@@ -350,7 +361,7 @@ def write_shard(cfg: RunConfig, run_id: str, shard: int) -> dict:
     by_lang: dict[str, list[dict]] = defaultdict(list)
     needed: set[str] = set()
     rejected, stats, image_sources = [], {}, []
-    for stage in STAGE_NAMES:
+    for stage in names:
         doc = final if stage == last else lay.read_stage_result(stage, shard)
         stats[stage] = doc["stats"]
         rejected += [{**r, "run_id": run_id, "shard": shard} for r in doc["rejected"]]
@@ -436,7 +447,7 @@ def commit(cfg: RunConfig, run_id: str, shards: list[int] | None = None) -> dict
     for shard in shards:
         doc = write_shard(cfg, run_id, shard)
         files += doc["files"]
-        for stage in STAGE_NAMES:  # a marker of an older babelsynth has no stats: read the result
+        for stage in pipeline(cfg):  # a marker of an older babelsynth has no stats: read the result
             st = (doc.get("stats") or {}).get(stage) or lay.read_stage_result(stage, shard)["stats"]
             merge_stats(stage_totals.setdefault(stage, {}), st)
     manifest = build_manifest(cfg, lay, plan_doc, shards, files, stage_totals, gates)
@@ -500,6 +511,12 @@ def build_manifest(
         "gates": gates["gates"],
         "languages": gates["languages"],
     }
+    if cfg.safety.enabled:  # the safety stages' models, when they ran (stages/safety.py)
+        mc = cfg.models
+        if mc.safety_judge is not None:
+            manifest["models"]["safety_judge"] = mc.safety_judge.model
+        if mc.toxicity is not None:
+            manifest["models"]["toxicity"] = mc.toxicity.model_id or Path(mc.toxicity.path).name
     manifest["reconciliation"] = reconcile(manifest)
     return manifest
 
@@ -558,36 +575,53 @@ def merge_stats(acc: dict, s: dict) -> None:
         for k in d:
             d[k] += c[k]
     acc.setdefault("by_lang", {})
-    for lang, c in (s.get("translator_by_lang") or {}).items():  # translate: segments per backend and lang
-        d = acc.setdefault("translator_by_lang", {}).setdefault(lang, {})
-        for k, v in c.items():
-            d[k] = d.get(k, 0) + v
+    for k in NESTED_COUNTS:  # e.g. safety drops per language and category
+        if k in s:
+            add_counts(acc.setdefault(k, {}), s[k])
     if "by_task" in s:  # teacher metrics per task type: counters add up, ratios are recomputed
         from babelsynth.filters import merge_task_stats
 
         merge_task_stats(acc.setdefault("by_task", {}), s["by_task"])
 
 
+NESTED_COUNTS = (
+    "safety_drops",  # stages/safety.py: per language and category
+    "allowed",
+    "translator_by_lang",  # translate: segments each backend won, and LLM failures, per language
+)
+
+
+def add_counts(acc: dict, d: dict) -> None:
+    """Add a nested dict of counters into another."""
+    for k, v in d.items():
+        if isinstance(v, dict):
+            add_counts(acc.setdefault(k, {}), v)
+        else:
+            acc[k] = acc.get(k, 0) + v
+
+
 def reconcile(m: dict) -> dict:
-    """Nothing lost: per stage and language in = out + rejected; each stage receives what the last kept."""
+    """Nothing lost: per stage and language in = out + rejected; each stage receives what the last kept.
+    The stages are the manifest's, in pipeline order (an inactive stage is not in it)."""
     errors = []
     st = m["stages"]
-    first = STAGE_NAMES[0]
+    names = list(st)
+    first = names[0]
     if st[first]["received"] != m["input_records"]:
         errors.append(f"{first} received {st[first]['received']} records, input has {m['input_records']}")
-    for name in STAGE_NAMES:
+    for name in names:
         s = st[name]
         if s["in"] != s["out"] + s["rejected"]:
             errors.append(f"{name}: in {s['in']} != out {s['out']} + rejected {s['rejected']}")
         for lang, c in s.get("by_lang", {}).items():
             if c["in"] != c["out"] + c["rejected"]:
                 errors.append(f"{name}/{lang}: in {c['in']} != out {c['out']} + rejected {c['rejected']}")
-    for a, b in zip(STAGE_NAMES, STAGE_NAMES[1:]):
+    for a, b in zip(names, names[1:]):
         if st[a]["out"] != st[b]["received"]:
             errors.append(f"{a} out {st[a]['out']} != {b} received {st[b]['received']}")
-    final = {lg: c["out"] for lg, c in st[STAGE_NAMES[-1]]["by_lang"].items() if c["out"]}
+    final = {lg: c["out"] for lg, c in st[names[-1]]["by_lang"].items() if c["out"]}
     if final != m["samples_by_lang"]:
-        errors.append(f"samples files {m['samples_by_lang']} != {STAGE_NAMES[-1]} kept rows {final}")
+        errors.append(f"samples files {m['samples_by_lang']} != {names[-1]} kept rows {final}")
     total_rej = sum(s["rejected"] for s in st.values())
     if total_rej != m["rejected_total"]:
         errors.append(f"rejected files hold {m['rejected_total']} rows, stages rejected {total_rej}")
@@ -599,10 +633,11 @@ def run_all(cfg: RunConfig, run_id: str) -> dict:
     """Plan, every stage of every shard, write, commit, report: the CLI's `run` and the unit of the tests."""
     cache = open_cache(cfg)
     shards = plan(cfg, run_id)
-    with progress.Progress(len(STAGES) * len(shards), "tasks", desc=f"run {run_id}") as prog:
-        for stage in STAGES:
+    names = pipeline(cfg)
+    with progress.Progress(len(names) * len(shards), "tasks", desc=f"run {run_id}") as prog:
+        for stage in names:
             for shard in shards:
-                run_stage(cfg, run_id, stage.name, shard, cache)
+                run_stage(cfg, run_id, stage, shard, cache)
                 prog.advance()
     manifest = commit(cfg, run_id, shards)
     report(cfg, run_id)

@@ -54,6 +54,8 @@ ROLES = {
     "rephraser": "rephraser LLM (post-edit)",
     "translator": "NLLB-200 (CTranslate2)",
     "comet": "COMET QE (CometKiwi)",
+    "safety_judge": "safety judge VLM (image policy)",
+    "toxicity": "text safety classifier",
 }
 
 

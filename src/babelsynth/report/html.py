@@ -13,7 +13,13 @@ from babelsynth.report import paper, plots
 from babelsynth.report.collect import ReportData, record_text
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
-STAGE_UNITS = {"ingest": "records", "recaption": "records", "judge": "records"}  # later: record x language
+STAGE_UNITS = {  # later stages: record x language
+    "ingest": "records",
+    "safety_pre": "records",
+    "recaption": "records",
+    "safety_post": "records",
+    "judge": "records",
+}
 
 
 def _pct(x: float | None) -> str:
@@ -77,6 +83,23 @@ def language_funnel(m: dict, d: ReportData) -> list[dict]:
             }
         )
     return rows
+
+
+def safety_table(m: dict) -> tuple[list[str], list[dict]]:
+    """Safety drops per language and category, from the stages' `safety_drops` (stages/safety.py): the
+    categories seen, and one row per language with its count per category, per stage and in total."""
+    stages = m.get("stages") or {}
+    per: dict[str, dict] = {}
+    cats: set[str] = set()
+    for name, s in stages.items():
+        for lg, by_cat in (s.get("safety_drops") or {}).items():
+            row = per.setdefault(lg, {"lang": lg, "by_category": {}, "by_stage": {}, "total": 0})
+            for cat, n in by_cat.items():
+                cats.add(cat)
+                row["by_category"][cat] = row["by_category"].get(cat, 0) + n
+                row["by_stage"][name] = row["by_stage"].get(name, 0) + n
+                row["total"] += n
+    return sorted(cats), [per[lg] for lg in sorted(per)]
 
 
 def quality_rows(m: dict, d: ReportData, gates: tuple[str, ...]) -> list[dict]:
@@ -208,6 +231,8 @@ def render(d: ReportData) -> str:
         kept=sum((m.get("samples_by_lang") or {}).values()),
         funnel=funnel_rows(m),
         lang_funnel=language_funnel(m, d),
+        safety=safety_table(m),
+        safety_on=(m.get("config") or {}).get("safety", {}).get("enabled", False),
         stage_names=list(m.get("stages") or {}),
         quality=quality_rows(m, d, gates),
         gates=gates,
@@ -323,6 +348,16 @@ compare with.</p>{% else %}
 <span class="mono">{{ reason }}</span> {{ c }} ({{ s|pct }}){% if not loop.last %}, {% endif %}
 {% else %}–{% endfor %}</td></tr>{% endfor %}
 </table></section>
+
+<section id="safety"><h2>Safety drops per language and category</h2>
+{% if not safety_on %}<p class="ref">safety stages off in this run's config (safety.enabled)</p>
+{% elif not safety[1] %}<p>No row dropped by the safety stages.</p>
+{% else %}<table><tr><th class="l">language</th>{% for c in safety[0] %}<th>{{ c }}</th>{% endfor %}
+<th>total</th><th class="l">by stage</th></tr>
+{% for r in safety[1] %}<tr><td class="l">{{ r.lang }} <span class="ref">{{ r.lang|name }}</span></td>
+{% for c in safety[0] %}<td>{{ r.by_category.get(c, 0) }}</td>{% endfor %}<td>{{ r.total }}</td>
+<td class="l">{% for s, n in r.by_stage.items() %}{{ s }} {{ n }}{% if not loop.last %}, {% endif %}
+{% endfor %}</td></tr>{% endfor %}</table>{% endif %}</section>
 
 <section id="quality"><h2>Quality per language</h2>
 <p class="ref">Over every scored row (kept, and dropped by a gate). Paper: {{ paper_source }},

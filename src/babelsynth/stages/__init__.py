@@ -1,11 +1,12 @@
 """The pipeline stages, in pipeline order. Each module exports its `STAGE` (name, fn, reads, writes).
 
-Units: ingest, recaption and judge count English records; translate and later count (record, language).
+Units: ingest, safety_pre, recaption, safety_post and judge count English records; translate and later
+count (record, language).
 """
 
 from __future__ import annotations
 
-from babelsynth.stages import ingest, judge, recaption, rephrase, score, translate
+from babelsynth.stages import ingest, judge, recaption, rephrase, safety, score, translate
 from babelsynth.stages.base import Context, Stage, StageResult, flag_or_reject, identity, reject
 
 __all__ = [
@@ -20,6 +21,16 @@ __all__ = [
     "reject",
 ]
 
-STAGES: tuple[Stage, ...] = tuple(m.STAGE for m in (ingest, recaption, judge, translate, rephrase, score))
+STAGES: tuple[Stage, ...] = (
+    ingest.STAGE,
+    safety.STAGE_PRE,  # works when safety.position is before_recaption, else passes rows through
+    recaption.STAGE,
+    safety.STAGE_POST,  # ... after_recaption
+    judge.STAGE,
+    translate.STAGE,
+    rephrase.STAGE,
+    safety.STAGE_OUTPUT,  # every translated output
+    score.STAGE,
+)
 STAGE_NAMES = tuple(s.name for s in STAGES)
 BY_NAME = {s.name: s for s in STAGES}

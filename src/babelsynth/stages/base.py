@@ -54,7 +54,9 @@ class Stage:
 
     `config`: the dotted config keys the stage's output depends on; its result records their fingerprint
     (babelsynth/fingerprint.py), so a re-trigger with other values is refused naming them, or, for a stage
-    with `redo_on_change` (no generative model in it), redone."""
+    with `redo_on_change` (no generative model in it), redone. `section`: its config section, when not
+    named after it (the safety stages share `safety`). `active`: whether the config runs it at all (None:
+    always); an inactive stage writes no result and the next one reads the last active one's."""
 
     name: str
     fn: Callable[[Context, list[dict]], StageResult]
@@ -62,6 +64,12 @@ class Stage:
     writes: tuple[str, ...]
     config: tuple[str, ...] = ()
     redo_on_change: bool = False
+    section: str | None = None
+    active: Callable[[RunConfig], bool] | None = None
+
+    @property
+    def config_section(self) -> str:
+        return self.section or self.name
 
 
 @dataclass
@@ -99,6 +107,11 @@ class Context:
                 make_chat_client(self.cfg.models.llm_translator, self.cache), self.cfg.translate.llm
             ),
         )
+
+    def text_classifier(self):
+        from babelsynth.backends.text_classifier import TextClassifier
+
+        return self._get("text_classifier", lambda: TextClassifier(self.cfg.models.toxicity))
 
     def comet(self):
         from babelsynth.backends.comet_qe import CometScorer

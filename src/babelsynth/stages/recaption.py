@@ -98,7 +98,7 @@ def _recaption(ctx: Context, rows: list[dict], teacher, gt_tokens: Future) -> St
     def url(iid: str, task: str) -> str:
         side = sides.get(task, teacher.cfg.image_max_side)
         if side not in by_side:
-            by_side[side] = _images(ctx, side)
+            by_side[side] = image_urls(ctx, side)
         if (iid, side) not in urls:
             urls[(iid, side)] = by_side[side][iid]()
         return urls[(iid, side)]
@@ -201,9 +201,9 @@ def _recaption(ctx: Context, rows: list[dict], teacher, gt_tokens: Future) -> St
     return StageResult(kept, rejected, stats, errors=errors)
 
 
-def _images(ctx: Context, max_side: int) -> dict[str, Callable[[], str]]:
-    """The shard's images as data URLs for the teacher (content id -> a function building it), from
-    ingest's artifacts: the stored image when it is within max_side, else ingest's downscaled copy; so
+def image_urls(ctx: Context, max_side: int) -> dict[str, Callable[[], str]]:
+    """The shard's images as data URLs for a VLM (teacher, safety judge): content id -> a function building
+    it, from ingest's artifacts: the stored image when within max_side, else ingest's downscaled copy; so
     nothing is decoded here. Only an ingest result older than that copy, or a task type whose side differs
     from the one ingest downscaled to (image_max_side_by_task), is decoded and downscaled here."""
     from babelsynth.backends.chat import image_data_url
