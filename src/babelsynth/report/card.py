@@ -53,6 +53,7 @@ ROLES = {
     "judge": "judge LLM (stage-2 filter)",
     "rephraser": "rephraser LLM (post-edit)",
     "translator": "NLLB-200 (CTranslate2)",
+    "llm_translator": "instruction LLM translator (translate.backend llm / both)",
     "comet": "COMET QE (CometKiwi)",
     "safety_judge": "safety judge VLM (image policy)",
     "toxicity": "text safety classifier",
@@ -141,8 +142,14 @@ def render(lay: RunLayout, m: dict) -> str:
         "",
         f"Run `{m.get('run_id')}` of babelsynth, which reproduces the data recipe of "
         "*Aya Vision* (arXiv 2505.08751): English image-text records are recaptioned by a teacher VLM "
-        "anchored on their ground truth, filtered by rules and an LLM judge, translated by NLLB-200, "
-        "post-edited by an LLM and gated on COMET QE, MTLD, language ID, length ratio and repetition.",
+        "anchored on their ground truth, filtered by rules and an LLM judge, translated by "
+        + (
+            "NLLB-200 and, for some languages, an instruction LLM (per segment: `translator_model` on each "
+            "row, counts per language in the manifest's `stages.translate.translator_by_lang`), "
+            if "llm_translator" in (lin.get("models") or {})
+            else "NLLB-200, "
+        )
+        + "post-edited by an LLM and gated on COMET QE, MTLD, language ID, length ratio and repetition.",
         "",
         f"{total:,} rows in {len(kept)} language(s) from {m.get('input_records', 0):,} English input "
         "records; "
