@@ -187,6 +187,57 @@ def test_tokens_calls_and_gpu_hours_match_a_hand_count(env):
     assert est.cost is None
 
 
+def test_llm_translation_comet_choice_and_the_safety_judge_match_a_hand_count(env):
+    """German on `both`, Japanese on `llm`, the image safety check on: one LLM request per segment (the
+    question's, and the recaption's at 25 tokens a sentence), NLLB only for German, COMET scoring both
+    candidates of German's segments, one safety verdict per record with images."""
+    chat = {"kind": "openai_http", "base_url": "http://127.0.0.1:9/v1", "model": "m"}
+    cfg = _cfg(
+        env,
+        **{
+            "translate.backend": "llm",
+            "translate.per_lang": {"deu_Latn": "both"},
+            "models.llm_translator": chat,
+            "models.safety_judge": chat,
+            "safety.enabled": True,
+            "safety.text": False,
+            "safety.outputs": False,
+            "estimate.throughput.llm_translator": {"unit": "output_tokens", "per_second": 5, "source": "l"},
+            "estimate.throughput.safety_judge": {"unit": "output_tokens", "per_second": 41, "source": "s"},
+        },
+    )
+    s = estimate(cfg, sample_input(cfg), records=3).stages
+    R, w = 40, {"deu_Latn": 0.5, "jpn_Jpan": 0.25}
+    # each question is one sentence; a 40-token recaption is ceil(40 / 25) = 2 segments: 3 requests per job
+    frame = {
+        lg: _prompt(load_prompt("translate", "llm").render(source="", language=language_name(lg))) for lg in w
+    }
+    llm = s["translate_llm"]
+    assert (llm.stage, llm.engine) == ("translate", "llm_translator")
+    assert llm.calls == sum(3 * w[lg] for lg in w) * 2 == 4.5
+    assert llm.tokens_out == 0.75 * (5 + R) + 0.75 * (7 + R) == 69.0
+    assert llm.tokens_in == pytest.approx(
+        sum(3 * w[lg] * frame[lg] + w[lg] * (q + R) for lg in w for q in (5, 7))
+    )
+    assert llm.gpu_hours == pytest.approx(69 / 5 / 3600)
+    tr = s["translate"]  # NLLB translates German only (Japanese is llm: NLLB only where an answer fails)
+    assert tr.tokens_out == 0.5 * (5 + R) + 0.5 * (7 + R) == 46.0
+    duel = s["translate_comet"]  # both candidates of each German segment
+    assert (duel.engine, duel.pairs, duel.calls) == ("comet", 2 * 3 * 0.5 * 2, 1)
+    sj = s["safety"]
+    pol = load_prompt("safety", "image_policy")
+    cats = cfg.safety.categories
+    desc = pol.spec.get("descriptions", {})
+    f1 = _prompt(pol.render(n_images=1, categories=cats, descriptions=desc))
+    f2 = _prompt(pol.render(n_images=2, categories=cats, descriptions=desc))
+    assert (sj.engine, sj.calls) == ("safety_judge", 2)  # r3 (quarantined) costs nothing
+    assert sj.tokens_in == f1 + 100 + f2 + 200
+    assert sj.tokens_out == 2 * (32 + 50)  # keys and values, and a rationale of at most 200 chars
+    assert sj.gpu_hours == pytest.approx(164 / 41 / 3600)
+    nllb_only = estimate(_cfg(env), sample_input(_cfg(env)), records=3).stages
+    assert not {"translate_llm", "translate_comet", "safety"} & set(nllb_only)
+
+
 def test_a_pool_size_scales_the_sample_and_counts_one_translate_call_per_shard(env):
     cfg = _cfg(env)
     small = estimate(cfg, sample_input(cfg), records=3)

@@ -627,6 +627,8 @@ class ThroughputSection(_Base):
         "model size and GPU not stated there) x 25 tokens per sentence (our assumption): replace with your "
         "measurement",
     )
+    llm_translator: Throughput = Throughput(unit="output_tokens", per_second=6338.0, source=_DATATROVE)
+    safety_judge: Throughput = Throughput(unit="output_tokens", per_second=6338.0, source=_DATATROVE)
     comet: Throughput = Throughput(
         unit="pairs",
         per_second=1000.0,

@@ -34,6 +34,7 @@ from babelsynth.validate import batch_rows
 log = logging.getLogger(__name__)
 ENGINE = {"recaption": "teacher", "judge": "judge", "translate": "translator", "rephrase": "rephraser"}
 ENGINE["score"] = "comet"
+SEGMENT_TOKENS = 25  # a recaption's sentence, as the translator throughput's source assumes
 INPUT_COLUMNS = ("task_type", "question", "answer", "conversation", "images")
 
 
@@ -88,6 +89,13 @@ class Estimate:
 
 def tokens(text: str, chars_per_token: float) -> int:
     return math.ceil(len(text or "") / chars_per_token)
+
+
+def segments(text: str) -> int:
+    """Requests the llm translation backend sends for a text: one per translatable segment."""
+    from babelsynth.segment import split
+
+    return max(1, sum(p.translate for p in split(text or "")))
 
 
 def prompt_tokens(messages: list[dict], chars_per_token: float) -> int:
@@ -208,7 +216,7 @@ def estimate_exchange(
 ) -> None:
     """The work one exchange (question, answer) of a sampled record causes in every stage; `history` is the
     tokens of the exchanges before it, which a later turn's recaption request carries."""
-    rec_p, judge_p, rephrase_p, decision = prompts
+    rec_p, judge_p, rephrase_p, decision = prompts[:4]
     e, rc, jc, pc_ = cfg.estimate, cfg.recaption, cfg.judge, cfg.rephrase
     cpt = e.chars_per_token
     tq = tokens(q, cpt)
@@ -217,9 +225,20 @@ def estimate_exchange(
     if jc.enabled:
         t1 = prompt_tokens(judge_p.render(question=q, answer_gt=a, response=""), cpt) + R
         st["judge"].add(2, None, t1 + (t1 + jc.max_tokens + decision), jc.max_tokens + 1)
-    st["translate"].add(0, None, jobs * (tq + R), jobs * (tq + R))
+    nllb_jobs = e.judge_keep * sum(r for lg, r in ratios.items() if cfg.translate.backend_for(lg) != "llm")
+    st["translate"].add(0, None, nllb_jobs * (tq + R), nllb_jobs * (tq + R))
     for lg, ratio in ratios.items():
         w = e.judge_keep * ratio  # expected jobs of this language per record
+        backend = cfg.translate.backend_for(lg)
+        if backend != "nllb":  # one request per segment: the question's, and the recaption's sentences
+            sq = segments(q)
+            seg_r = math.ceil(R / SEGMENT_TOKENS)
+            frame = prompt_tokens(prompts[4].render(source="", language=language_name(lg)), cpt)
+            calls = w * (sq + seg_r)
+            st["translate_llm"].add(calls, None, calls * frame + w * (tq + R), w * (tq + R))
+            if backend == "both":  # COMET picks per segment: both candidates of each are scored
+                st["translate_comet"].pairs += 2 * calls
+                st["translate_comet"].tokens_in += w * 2 * (2 * tq + 2 * R)
         if pc_.enabled:
             frame = prompt_tokens(rephrase_p.render(source="", draft="", language=language_name(lg)), cpt)
             out_q, out_a = min(tq, pc_.max_tokens), min(R, pc_.max_tokens)
@@ -232,6 +251,7 @@ def estimate_exchange(
 def estimate(cfg: RunConfig, sample: list[dict], records: int, shards: int | None = None) -> Estimate:
     """The run's estimate from a sample of its input (pure: no I/O, no model)."""
     from babelsynth.prompts import load_prompt
+    from babelsynth.stages.safety import RATIONALE_MAX_CHARS
 
     e = cfg.estimate
     cpt = e.chars_per_token
@@ -243,6 +263,16 @@ def estimate(cfg: RunConfig, sample: list[dict], records: int, shards: int | Non
     jobs = e.judge_keep * sum(ratios.values())  # (record, language) pairs per input record
     R = min(e.recaption_tokens, rc.max_tokens)
     st = {name: StageEstimate(name, role) for name, role in ENGINE.items()}
+    llm_langs = [lg for lg in ratios if cfg.translate.backend_for(lg) != "nllb"]
+    if llm_langs:  # the llm translation backend, and COMET's per-segment choice for `both` languages
+        st["translate_llm"] = StageEstimate("translate", "llm_translator")
+        if any(cfg.translate.backend_for(lg) == "both" for lg in llm_langs):
+            st["translate_comet"] = StageEstimate("translate", "comet")
+    safety_p = None
+    if cfg.safety.enabled and cfg.safety.image:  # one verdict per record with images
+        st["safety"] = StageEstimate("safety", "safety_judge")
+        safety_p = load_prompt("safety", "image_policy", cfg.safety.prompt_version)
+    translate_p = load_prompt("translate", "llm", cfg.translate.llm.prompt_version) if llm_langs else None
     n = max(len(sample), 1)
     judge_p = load_prompt("judge", "hallucination", jc.prompt_version)
     rephrase_p = load_prompt("rephrase", "translation", pc_.prompt_version)
@@ -251,17 +281,28 @@ def estimate(cfg: RunConfig, sample: list[dict], records: int, shards: int | Non
         if r.get("task_type") not in TASK_TYPES:  # quarantined at ingest: no model work
             continue
         rec_p = load_prompt("recaption", r["task_type"], rc.prompt_version)
+        if safety_p is not None and r["images"]:
+            desc = safety_p.spec.get("descriptions", {})
+            frame = safety_p.render(n_images=r["images"], categories=cfg.safety.categories, descriptions=desc)
+            verdict = 32 + tokens("x" * RATIONALE_MAX_CHARS, cpt)  # JSON keys, decision, category, rationale
+            st["safety"].add(
+                1,
+                None,
+                prompt_tokens(frame, cpt) + r["images"] * e.image_tokens,
+                min(verdict, cfg.safety.max_tokens),
+            )
         history = 0  # a later exchange is asked with the conversation so far (ground truth) before it
         for q, a in r.get("exchanges") or exchanges(r):
-            prompts = (rec_p, judge_p, rephrase_p, decision)
+            prompts = (rec_p, judge_p, rephrase_p, decision, translate_p)
             estimate_exchange(cfg, st, prompts, ratios, jobs, R, r["images"], q, a, history)
             history += tokens(q, cpt) + tokens(a, cpt)
     scale = records / n
     for s in st.values():
         for k in ("calls", "calls_max", "tokens_in", "tokens_out", "pairs"):
             setattr(s, k, getattr(s, k) * scale)
-    for name in ("translate", "score"):  # batched engines: one call per shard
-        st[name].calls = st[name].calls_max = float(shards) if records else 0.0
+    for name in ("translate", "score", "translate_comet"):  # batched engines: one call per shard
+        if name in st:
+            st[name].calls = st[name].calls_max = float(shards) if records else 0.0
     if not jc.enabled:
         del st["judge"]
     if not pc_.enabled:
