@@ -221,8 +221,9 @@ def test_crashed_build_leaves_no_valid_looking_model(
     monkeypatch.undo()
 
     # A clean build at another root is byte-identical to the fixture's (deterministic, seeded builders). The
-    # slow builders (a constructed NLLB, a CPU-trained VLM) are seeded from the fixture's cache, not rebuilt.
-    seed_cache(models_root, tmp_path, ["nllb_copy", "aya_echo", "comet"])
+    # slow builders (a constructed NLLB, a CPU-trained VLM and classifier) are seeded from the fixture's
+    # cache, not rebuilt.
+    seed_cache(models_root, tmp_path, ["nllb_copy", "aya_echo", "comet", "toxicity"])
     before = dict(B.BUILD_COUNTER)
     paths = B.build_all(tmp_path)
     built = {k: B.BUILD_COUNTER[k] - before.get(k, 0) for k in B.BUILD_COUNTER}
