@@ -454,12 +454,14 @@ def test_a_killed_vllm_engine_is_restarted_within_the_bound_then_fails_then_resu
     for s in ("ingest", "recaption"):
         runner.run_stage(cfg, "engine", s, 0)
     base = len(cached_keys(tmp_path / "c"))
+    judge_spec = vllm_offline.worker_for(cfg.models.judge).spec  # the same registry entry the stage uses
     kills: list[int] = []
 
     def killer(times: int) -> None:
         deadline = time.monotonic() + 300
         while len(kills) < times and time.monotonic() < deadline:
-            workers = vllm_offline.running_workers()
+            # this judge's engine only: an engine another test left running in this process is not it
+            workers = [w for w in vllm_offline.running_workers() if w.spec == judge_spec]
             proc = workers[0].proc if workers else None
             if (
                 proc

@@ -166,12 +166,12 @@ def worker_for(cfg: VLLMOfflineBackend) -> _Worker:
         return _WORKERS[key]
 
 
-@atexit.register
 def running_workers() -> list[_Worker]:
     """The engine processes this process started (one per distinct model spec)."""
     return list(_WORKERS.values())
 
 
+@atexit.register
 def close_all() -> None:
     """Stop every engine worker of this process (they also exit when this process's pipes close)."""
     for w in list(_WORKERS.values()):
