@@ -1,10 +1,13 @@
-"""Fault-injection and measurement relays for the reliability tests (not tests themselves)."""
+"""Fault-injection and measurement relays for the reliability tests, and the local S3 server the tests share
+(not tests themselves)."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import http.server
 import json
+import os
 import socket
 import sqlite3
 import struct
@@ -14,6 +17,46 @@ from pathlib import Path
 from babelsynth.cache import cache_key
 
 CHAT = "/v1/chat/completions"
+
+
+@contextlib.contextmanager
+def moto_s3(bucket: str, key: str = "test", set_env: bool = True):
+    """moto's server (the S3 wire protocol) on a free local port with `bucket` created; yields (env, boto3
+    client), env holding the endpoint and credentials babelsynth reads. With `set_env` this process's
+    environment carries them until the block ends (children such as torchrun inherit them)."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        "BABELSYNTH_S3_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_ACCESS_KEY_ID": key,
+        "AWS_SECRET_ACCESS_KEY": key,
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    old = {k: os.environ.get(k) for k in env}
+    if set_env:
+        os.environ.update(env)
+    client = boto3.client(
+        "s3",
+        endpoint_url=env["BABELSYNTH_S3_ENDPOINT_URL"],
+        region_name="us-east-1",
+        aws_access_key_id=key,
+        aws_secret_access_key=key,
+    )
+    client.create_bucket(Bucket=bucket)
+    try:
+        yield env, client
+    finally:
+        server.stop()
+        if set_env:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
 
 class ChatProxy:

@@ -20,6 +20,7 @@ from babelsynth.config import load_config
 from babelsynth.inputs.metering import Meter
 from babelsynth.inputs.plan import plan_input, read_shard
 from babelsynth.schema import to_table
+from tests.proxies import moto_s3
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -454,31 +455,8 @@ def test_inspect_input_prints_counts_task_types_and_rows_and_writes_nothing(tmp_
 @pytest.fixture(scope="module")
 def s3():
     """A real S3 protocol server; input is read through pyarrow's S3 filesystem (ranged GETs)."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {
-        "BABELSYNTH_S3_ENDPOINT_URL": f"http://{host}:{port}",
-        "AWS_ACCESS_KEY_ID": "test",
-        "AWS_SECRET_ACCESS_KEY": "test",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    client = boto3.client("s3", endpoint_url=env["BABELSYNTH_S3_ENDPOINT_URL"])
-    client.create_bucket(Bucket="inputs")
-    try:
+    with moto_s3("inputs") as (_, client):
         yield client
-    finally:
-        server.stop()
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def test_s3_parquet_and_webdataset_are_read_by_range(tmp_path, config, s3):

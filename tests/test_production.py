@@ -29,6 +29,7 @@ from babelsynth.config import load_config
 from babelsynth.languages import SOURCE_LANG
 from babelsynth.layout import RunLayout
 from tests.conftest import ROOT, WORK, start_all
+from tests.proxies import moto_s3
 from tests.test_translate import RICH, _long_answer
 
 # The run (two vLLM servers, six stages, COMET) takes about two minutes on a 2-core box; a rephrase the tiny
@@ -127,30 +128,8 @@ def echo_servers(models):
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {
-        "BABELSYNTH_S3_ENDPOINT_URL": f"http://{host}:{port}",
-        "AWS_ACCESS_KEY_ID": "rehearsal",
-        "AWS_SECRET_ACCESS_KEY": "rehearsal",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    client = boto3.client(
-        "s3",
-        endpoint_url=env["BABELSYNTH_S3_ENDPOINT_URL"],
-        region_name="us-east-1",
-        aws_access_key_id="rehearsal",
-        aws_secret_access_key="rehearsal",
-    )
-    client.create_bucket(Bucket="my-bucket")
-    try:
+    with moto_s3("my-bucket", key="rehearsal", set_env=False) as (env, client):
         yield env, client
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

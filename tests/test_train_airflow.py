@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.proxies import moto_s3
 from tests.train_helpers import build_fake_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,28 +144,8 @@ def test_placement_puts_training_in_a_pod_holding_its_gpus():
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """moto's server speaks the S3 wire protocol; boto3 (and the torchrun children) talk HTTP to it."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {
-        "BABELSYNTH_S3_ENDPOINT_URL": f"http://{host}:{port}",
-        "AWS_ACCESS_KEY_ID": "test",
-        "AWS_SECRET_ACCESS_KEY": "test",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    client = boto3.client("s3", endpoint_url=env["BABELSYNTH_S3_ENDPOINT_URL"])
-    client.create_bucket(Bucket="babelsynth")
-    try:
+    with moto_s3("babelsynth") as (_, client):
         yield client
-    finally:
-        server.stop()
-        for k, v in old.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
 def _upload_run(s3, local: Path, prefix: str) -> str:
