@@ -24,6 +24,7 @@ import httpx
 import pytest
 
 from babelsynth import storage
+from babelsynth.stages import STAGE_NAMES
 from localstack import procs
 from localstack.settings import DEMO_CONF, site_values, trigger_command
 from localstack.stack import password, read_state, token
@@ -32,16 +33,7 @@ from tests.test_airflow_docs import clean_env, doc_blocks
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2700)]  # a generation + training on a busy 2-core box
 
-MODEL_STAGES = (
-    "safety_pre",
-    "recaption",
-    "safety_post",
-    "judge",
-    "translate",
-    "rephrase",
-    "output_safety",
-    "score",
-)
+MODEL_STAGES = STAGE_NAMES[1:]  # every stage after ingest calls a model
 SERVICES = ("postgres", "vllm-teacher", "vllm-llm", "api-server", "scheduler", "dag-processor", "triggerer")
 RUNS: dict[str, str] = {}  # what the client script ran: generation and training run ids
 
@@ -221,18 +213,7 @@ def test_the_docs_client_script_runs_generation_then_the_asset_triggered_trainin
     # 12 records, 6 per shard: two mapped shards through every stage
     all_tis = tis(client, "babelsynth_generate", gen_id)
     shard_tis = {(t.task_id, t.map_index) for t in all_tis if t.task_id.startswith("shard.")}
-    stages = (
-        "ingest",
-        "safety_pre",
-        "recaption",
-        "safety_post",
-        "judge",
-        "translate",
-        "rephrase",
-        "output_safety",
-        "score",
-        "write",
-    )
+    stages = (*STAGE_NAMES, "write")
     assert shard_tis == {(f"shard.{st}", i) for st in stages for i in (0, 1)}
 
     # model stages took slots of the 1-slot `gpu` pool: never two at once, although parallelism is 2
