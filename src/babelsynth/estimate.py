@@ -251,7 +251,7 @@ def estimate_exchange(
 def estimate(cfg: RunConfig, sample: list[dict], records: int, shards: int | None = None) -> Estimate:
     """The run's estimate from a sample of its input (pure: no I/O, no model)."""
     from babelsynth.prompts import load_prompt
-    from babelsynth.stages.safety import RATIONALE_MAX_CHARS
+    from babelsynth.stages.safety import RATIONALE_MAX_CHARS, policy_messages
 
     e = cfg.estimate
     cpt = e.chars_per_token
@@ -282,8 +282,7 @@ def estimate(cfg: RunConfig, sample: list[dict], records: int, shards: int | Non
             continue
         rec_p = load_prompt("recaption", r["task_type"], rc.prompt_version)
         if safety_p is not None and r["images"]:
-            desc = safety_p.spec.get("descriptions", {})
-            frame = safety_p.render(n_images=r["images"], categories=cfg.safety.categories, descriptions=desc)
+            frame = policy_messages(safety_p, r["images"], cfg.safety.categories)
             verdict = 32 + tokens("x" * RATIONALE_MAX_CHARS, cpt)  # JSON keys, decision, category, rationale
             st["safety"].add(
                 1,

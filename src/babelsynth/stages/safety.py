@@ -38,6 +38,13 @@ def verdict_schema(categories: list[str]) -> dict:
     }
 
 
+def policy_messages(prompt, n_images: int, categories: list[str]) -> list[dict]:
+    """The policy prompt for a record with `n_images` images (also what the estimate counts)."""
+    return prompt.render(
+        n_images=n_images, categories=categories, descriptions=prompt.spec.get("descriptions", {})
+    )
+
+
 def parse_verdict(text: str, categories: list[str]) -> dict:
     """The verdict as a dict; anything else is a server without structured outputs: fail, never guess."""
     try:
@@ -108,9 +115,7 @@ def _image_verdicts(ctx: Context, rows: list[dict]) -> dict[int, dict]:
         if side not in by_side:
             by_side[side] = image_urls(ctx, side)
         urls = [by_side[side][iid]() for iid in r["image_ids"]]
-        msgs = p.render(
-            n_images=len(urls), categories=sc.categories, descriptions=p.spec.get("descriptions", {})
-        )
+        msgs = policy_messages(p, len(urls), sc.categories)
         msgs = [msgs[0], user_with_image_urls(msgs[1]["content"], urls)]
         asked.append(i)
         reqs.append(
